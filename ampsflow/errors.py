@@ -1,0 +1,62 @@
+"""Every exception ampsflow raises on purpose, with when it is raised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EX_CONFIG = 78
+"""Exit status for a bad configuration (sysexits.h EX_CONFIG); units set
+``RestartPreventExitStatus=78`` so systemd does not restart-loop on it."""
+
+
+class AmpsflowError(Exception):
+    """Base class of every ampsflow error."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem in a config file: where it is and what is wrong."""
+
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message}"
+
+
+class ConfigError(AmpsflowError):
+    """Raised when a config file cannot be read or fails validation.
+
+    Carries every problem found, not only the first, so an operator fixes the
+    file in one pass.
+    """
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class CorrelationIdError(AmpsflowError):
+    """Raised by the correlation codec when a CorrelationId cannot be decoded."""
+
+
+class BadMessageError(AmpsflowError):
+    """Raised when a message body cannot be processed (not JSON, not an object).
+
+    ``error_type`` is the short, stable name recorded as ``error.type`` on the
+    span and as the dead-letter reason.
+    """
+
+    def __init__(self, error_type: str, detail: str) -> None:
+        self.error_type = error_type
+        self.detail = detail
+        super().__init__(f"{error_type}: {detail}")
+
+
+class SinkError(AmpsflowError):
+    """Raised when the JSONL sink cannot write or fsync a batch."""
+
+
+class StartupError(AmpsflowError):
+    """Raised when a service cannot start; the message is one line for stderr."""
