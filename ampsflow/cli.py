@@ -62,51 +62,102 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("devbroker", "Run the AMPS-protocol-compatible development broker.")
-    p.add_argument("--tcp", type=_host_port, metavar="HOST:PORT", help="TCP listener (tcp://HOST:PORT/amps/json)")
-    p.add_argument("--websocket", type=_host_port, metavar="HOST:PORT", help="WebSocket listener (/amps/json)")
+    p.add_argument(
+        "--tcp",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="TCP listener (tcp://HOST:PORT/amps/json)",
+    )
+    p.add_argument(
+        "--websocket", type=_host_port, metavar="HOST:PORT", help="WebSocket listener (/amps/json)"
+    )
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="transaction log directory")
-    p.add_argument("--users-file", type=Path, metavar="FILE", help="name:hashed-password lines; enables authentication")
+    p.add_argument(
+        "--users-file",
+        type=Path,
+        metavar="FILE",
+        help="name:hashed-password lines; enables authentication",
+    )
 
     for name, text in (
         ("processor", "Run the processor daemon (input_topic -> processed -> output_topic)."),
         ("persister", "Run the persister daemon (topic -> fsync'd JSONL file)."),
     ):
         p = command(name, text)
-        p.add_argument("--daemonize", action="store_true", help="detach from the terminal (hosts without systemd)")
-        p.add_argument("--pid-file", type=Path, metavar="FILE", help="pid file to hold while daemonized")
+        p.add_argument(
+            "--daemonize",
+            action="store_true",
+            help="detach from the terminal (hosts without systemd)",
+        )
+        p.add_argument(
+            "--pid-file", type=Path, metavar="FILE", help="pid file to hold while daemonized"
+        )
 
     p = command("marker", "Run the marker web server (page, /config.json, OTLP and AMPS proxies).")
     p.add_argument("--listen", type=_host_port, metavar="HOST:PORT", help="address to serve on")
 
-    p = command("demo", "Run devbroker, processor, persister and marker together on loopback.", config=False)
-    p.add_argument("--dir", type=Path, default=Path("ampsflow-demo"), metavar="DIR", help="state directory")
-    p.add_argument("--otlp-endpoint", metavar="URL", help="send every service's spans to this OTLP/HTTP endpoint")
+    p = command(
+        "demo", "Run devbroker, processor, persister and marker together on loopback.", config=False
+    )
+    p.add_argument(
+        "--dir", type=Path, default=Path("ampsflow-demo"), metavar="DIR", help="state directory"
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="send every service's spans to this OTLP/HTTP endpoint",
+    )
     p.add_argument("--port", type=int, default=8080, help="marker page port (default 8080)")
 
     command("check-config", "Validate the config and print the effective settings.")
 
-    p = command("setup-system", "Create the ampsflow user, directories, default config and systemd units.", config=False)
-    p.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
-    p.add_argument("--root", type=Path, default=Path("/"), help="install below this root (packaging, tests)")
+    p = command(
+        "setup-system",
+        "Create the ampsflow user, directories, default config and systemd units.",
+        config=False,
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be done, change nothing"
+    )
+    p.add_argument(
+        "--root", type=Path, default=Path("/"), help="install below this root (packaging, tests)"
+    )
     p.add_argument("--no-user", action="store_true", help="do not create the system user")
 
     p = command("audit", "Reconcile published message ids against a JSONL file.", config=False)
-    p.add_argument("--published", type=Path, required=True, metavar="FILE", help="one published message id per line")
-    p.add_argument("--jsonl", type=Path, required=True, metavar="FILE", help="the persister's JSONL output")
+    p.add_argument(
+        "--published",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="one published message id per line",
+    )
+    p.add_argument(
+        "--jsonl", type=Path, required=True, metavar="FILE", help="the persister's JSONL output"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
     devbroker: dict[str, Any] = {}
-    for flag, key in (("tcp", "tcp"), ("websocket", "websocket"), ("data_dir", "data_dir"), ("users_file", "users_file")):
+    for flag, key in (
+        ("tcp", "tcp"),
+        ("websocket", "websocket"),
+        ("data_dir", "data_dir"),
+        ("users_file", "users_file"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             devbroker[key] = str(value)
     if devbroker:
-        config = dataclasses.replace(config, devbroker=dataclasses.replace(config.devbroker, **devbroker))
+        config = dataclasses.replace(
+            config, devbroker=dataclasses.replace(config.devbroker, **devbroker)
+        )
     if getattr(args, "listen", None):
-        config = dataclasses.replace(config, marker=dataclasses.replace(config.marker, listen=args.listen))
+        config = dataclasses.replace(
+            config, marker=dataclasses.replace(config.marker, listen=args.listen)
+        )
     return config
 
 
@@ -116,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = Config()
     if hasattr(args, "config"):
         try:
-            config = _apply_overrides(load_config(args.config, required=args.config is not None), args)
+            config = _apply_overrides(
+                load_config(args.config, required=args.config is not None), args
+            )
         except ConfigError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)

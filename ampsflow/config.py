@@ -137,7 +137,9 @@ class Config:
 
 
 _SECTIONS: dict[str, type[Any]] = {
-    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "source"
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "source"
 }
 
 
@@ -187,7 +189,11 @@ def parse_config(data: object, *, source: str = "<config>") -> Config:
     sections: dict[str, Any] = {}
     for key, value in data.items():
         if key not in _SECTIONS:
-            problems.append(ConfigProblem(source, str(key), f"unknown section (expected one of: {', '.join(_SECTIONS)})"))
+            problems.append(
+                ConfigProblem(
+                    source, str(key), f"unknown section (expected one of: {', '.join(_SECTIONS)})"
+                )
+            )
             continue
         built = _build(_SECTIONS[key], value, str(key), source, problems)
         if built is not None:
@@ -200,7 +206,9 @@ def parse_config(data: object, *, source: str = "<config>") -> Config:
     raise ConfigError(problems)
 
 
-def _build(cls: type[Any], value: object, path: str, source: str, problems: list[ConfigProblem]) -> Any:
+def _build(
+    cls: type[Any], value: object, path: str, source: str, problems: list[ConfigProblem]
+) -> Any:
     if value is None:
         return cls()
     if not isinstance(value, Mapping):
@@ -213,7 +221,11 @@ def _build(cls: type[Any], value: object, path: str, source: str, problems: list
     for key, item in value.items():
         key_path = f"{path}.{key}"
         if key not in names:
-            problems.append(ConfigProblem(source, key_path, f"unknown key (expected one of: {', '.join(sorted(names))})"))
+            problems.append(
+                ConfigProblem(
+                    source, key_path, f"unknown key (expected one of: {', '.join(sorted(names))})"
+                )
+            )
             continue
         ok, converted, message = _convert(hints[key], item)
         if ok:
@@ -295,14 +307,23 @@ def _cross_checks(config: Config, source: str) -> list[ConfigProblem]:
     if config.amps.password_file is not None and config.amps.user is None:
         bad("amps.password_file", "is set but amps.user is not")
     if not 0.0 <= config.telemetry.sampler_ratio <= 1.0:
-        bad("telemetry.sampler_ratio", f"must be between 0 and 1, got {config.telemetry.sampler_ratio}")
+        bad(
+            "telemetry.sampler_ratio",
+            f"must be between 0 and 1, got {config.telemetry.sampler_ratio}",
+        )
     if config.telemetry.max_export_batch_size > config.telemetry.max_queue_size:
         bad("telemetry.max_export_batch_size", "must not exceed telemetry.max_queue_size")
     if not config.telemetry.endpoint.startswith(("http://", "https://")):
-        bad("telemetry.endpoint", f"must be an http:// or https:// URL, got {config.telemetry.endpoint!r}")
+        bad(
+            "telemetry.endpoint",
+            f"must be an http:// or https:// URL, got {config.telemetry.endpoint!r}",
+        )
     if config.processor.input_topic == config.processor.output_topic:
         bad("processor.output_topic", "must differ from processor.input_topic (it would loop)")
-    if config.processor.dead_letter_topic in (config.processor.input_topic, config.processor.output_topic):
+    if config.processor.dead_letter_topic in (
+        config.processor.input_topic,
+        config.processor.output_topic,
+    ):
         bad("processor.dead_letter_topic", "must differ from the input and output topics")
     if config.persister.max_batch_lines == 0:
         bad("persister.max_batch_lines", "must be at least 1")

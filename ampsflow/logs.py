@@ -26,11 +26,12 @@ class TraceContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         context = trace.get_current_span().get_span_context()
         if context.is_valid:
-            record.trace_id = format(context.trace_id, "032x")
-            record.span_id = format(context.span_id, "016x")
-            record.trace_suffix = f" trace_id={record.trace_id} span_id={record.span_id}"
+            trace_id = format(context.trace_id, "032x")
+            span_id = format(context.span_id, "016x")
+            suffix = f" trace_id={trace_id} span_id={span_id}"
         else:
-            record.trace_id = record.span_id = record.trace_suffix = ""
+            trace_id = span_id = suffix = ""
+        record.__dict__.update(trace_id=trace_id, span_id=span_id, trace_suffix=suffix)
         return True
 
 
@@ -41,9 +42,9 @@ def configure_logging(config: LoggingConfig, *, service: str) -> None:
     journal adds its own; elsewhere they start with one.
     """
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     handler: logging.Handler
     if config.file is not None:
         handler = logging.handlers.WatchedFileHandler(config.file, encoding="utf-8")
