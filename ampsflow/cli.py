@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                 type=Path,
                 default=None,
                 metavar="FILE",
-                help=f"YAML config file (default: {DEFAULT_CONFIG_PATH}; built-in defaults if absent)",
+                help=f"YAML config (default: {DEFAULT_CONFIG_PATH}; built-in defaults if absent)",
             )
         return p
 
