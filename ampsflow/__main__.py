@@ -1,0 +1,3 @@
+from ampsflow.cli import main
+
+raise SystemExit(main())
