@@ -198,11 +198,13 @@ def parse_config(data: object, *, source: str = "<config>") -> Config:
         built = _build(_SECTIONS[key], value, str(key), source, problems)
         if built is not None:
             sections[key] = built
+    # Cross-field checks run on whatever parsed, so one pass reports everything;
+    # a key already reported as malformed is not reported twice.
+    config = Config(**sections, source=source)
+    reported = {p.path for p in problems}
+    problems.extend(p for p in _cross_checks(config, source) if p.path not in reported)
     if not problems:
-        config = Config(**sections, source=source)
-        problems.extend(_cross_checks(config, source))
-        if not problems:
-            return config
+        return config
     raise ConfigError(problems)
 
 
