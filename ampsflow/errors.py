@@ -60,3 +60,26 @@ class SinkError(AmpsflowError):
 
 class StartupError(AmpsflowError):
     """Raised when a service cannot start; the message is one line for stderr."""
+
+
+class FilterError(AmpsflowError, ValueError):
+    """Raised when a devbroker content filter cannot be compiled.
+
+    The message says what is wrong and where (``unexpected token ')' at column
+    12``); the broker nacks the subscribe with reason ``bad filter`` and logs it.
+    """
+
+
+class TopicError(AmpsflowError, ValueError):
+    """Raised when a subscription topic cannot be used.
+
+    ``str(exc)`` and ``exc.reason`` are the AMPS failure reason to nack with:
+    ``bad regex topic`` for a regular expression that does not compile,
+    ``invalid topic`` for an empty or otherwise unusable name. ``exc.detail``
+    says what exactly is wrong, for the log line.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(reason)
