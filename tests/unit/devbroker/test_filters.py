@@ -525,3 +525,18 @@ def test_compile_topic_only_raises_topic_error(topic: str) -> None:
     except TopicError as exc:
         reason = exc.reason
     assert reason in (None, "bad regex topic", "invalid topic")
+
+
+def test_empty_string_literal_is_null() -> None:
+    """'' is NULL, as in AMPS: '' IS NULL holds and '' = '' does not."""
+    assert [matches("'' IS NULL", {}), matches("'' = ''", {})] == [True, False]
+
+
+def test_huge_numeric_string_compares_without_raising() -> None:
+    """A numeric string longer than int() accepts still compares, as a float."""
+    assert matches("/n > 5", {"n": "9" * 5000})
+
+
+def test_huge_integer_literal_compiles() -> None:
+    """An integer literal longer than int() accepts becomes a float."""
+    assert matches("/n < " + "9" * 5000, {"n": 1})
