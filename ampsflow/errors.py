@@ -83,3 +83,18 @@ class TopicError(AmpsflowError, ValueError):
         self.reason = reason
         self.detail = detail
         super().__init__(reason)
+
+
+class BookmarkError(AmpsflowError, ValueError):
+    """Raised when a subscribe's bookmark cannot be parsed.
+
+    The message starts with ``invalid bookmark:`` and says what is wrong; the devbroker
+    nacks the subscribe with reason ``invalid bookmark`` and logs the message.
+    """
+
+
+class TransactionLogError(AmpsflowError):
+    """Raised when the devbroker transaction log cannot be opened, written or fsync'd.
+
+    The message names the directory or file and the operating-system error, in one line.
+    """
