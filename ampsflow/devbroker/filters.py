@@ -49,8 +49,9 @@ docs.crankuptheamps.com):
   ``re``, compiled once at filter-compile time and applied with ``search``
   (unanchored, as PCRE matching is by default). Python ``re`` covers the PCRE
   subset AMPS documents (classes, anchors, quantifiers, groups, ``(?i)``); PCRE-
-  only constructs (possessive quantifiers before 3.11, ``\\Q..\\E``, recursion)
-  raise FilterError. Numbers are matched against their decimal text.
+  only constructs (``\\Q..\\E``, recursion, ``\\K``) raise FilterError. Numbers
+  are matched against their decimal text. A pathological pattern can backtrack
+  for a long time on a hostile value, as with PCRE; the devbroker sets no limit.
 - Double-quoted strings are accepted as AMPS examples use them; backslashes are
   literal characters (so ``LIKE "^90\\..*"`` is the regex ``^90\\..*``).
 - Not supported (FilterError): functions, arithmetic, ``TOPIC_MATCH``, raw
@@ -477,6 +478,8 @@ def _is_null(left: _Operand, negate: bool) -> Tri:
 
 
 def _in(left: _Operand, items: list[_Operand]) -> Tri:
+    if not left.is_const and all(item.is_const for item in items):
+        return _in_literals(left.get, tuple(item.const for item in items))
     eqs = [_comparison(left, "=", item) for item in items]
 
     def member(body: object) -> bool | None:
@@ -488,6 +491,23 @@ def _in(left: _Operand, items: list[_Operand]) -> Tri:
             if r is None:
                 unknown = True
         return None if unknown else False
+
+    return member
+
+
+def _in_literals(get: Getter, literals: tuple[Value, ...]) -> Tri:
+    """``/field IN (literal, ...)``: read the field once, compare with each literal."""
+    has_null = None in literals
+    values = tuple(v for v in literals if v is not None)
+
+    def member(body: object) -> bool | None:
+        v = get(body)
+        if v is None:
+            return None
+        for c in values:
+            if _compare(v, c) == 0:
+                return True
+        return None if has_null else False
 
     return member
 

@@ -540,3 +540,36 @@ def test_huge_numeric_string_compares_without_raising() -> None:
 def test_huge_integer_literal_compiles() -> None:
     """An integer literal longer than int() accepts becomes a float."""
     assert matches("/n < " + "9" * 5000, {"n": 1})
+
+
+def test_in_list_may_hold_fields() -> None:
+    """IN list items may be field paths as well as literals."""
+    assert [matches("/a IN (/b, 9)", {"a": 2, "b": 2}), matches("/a IN (/b)", {"a": 2})] == [
+        True,
+        False,
+    ]
+
+
+def test_pcre_only_like_syntax_is_a_filter_error() -> None:
+    """A LIKE pattern Python's re cannot compile (PCRE's \\Q) is rejected at compile time."""
+    with pytest.raises(FilterError, match="invalid LIKE regular expression"):
+        compile_filter("/a LIKE '\\Qx\\E'")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    field=st.one_of(st.none(), scalars),
+    items=st.lists(st.one_of(st.none(), scalars), min_size=1, max_size=4),
+)
+def test_in_equals_or_of_equalities(
+    field: int | float | str | None, items: list[int | float | str | None]
+) -> None:
+    """/a IN (x, y) matches exactly when /a = x OR /a = y does, NOT IN likewise (AMPS)."""
+    body = {"a": field}
+    lits = [("NULL" if item is None else literal(item)) for item in items]
+    ors = " OR ".join(f"/a = {lit}" for lit in lits)
+    in_list = ", ".join(lits)
+    assert (matches(f"/a IN ({in_list})", body), matches(f"/a NOT IN ({in_list})", body)) == (
+        matches(ors, body),
+        matches(f"NOT ({ors})", body),
+    )
