@@ -55,7 +55,18 @@ class BadMessageError(AmpsflowError):
 
 
 class SinkError(AmpsflowError):
-    """Raised when the JSONL sink cannot write or fsync a batch."""
+    """Raised when the JSONL sink cannot write or fsync a batch.
+
+    Chained from the ``OSError`` (``ENOSPC``, ``EIO``, ``EACCES``...). Nothing in
+    the batch counts as durable; the caller retries the whole batch.
+    """
+
+
+class RecordError(AmpsflowError, ValueError):
+    """Raised when a persisted JSONL line cannot be built or parsed.
+
+    The message says why (``not JSON: ...``, ``no _ampsflow object``).
+    """
 
 
 class StartupError(AmpsflowError):
