@@ -38,7 +38,18 @@ class ConfigError(AmpsflowError):
 
 
 class CorrelationIdError(AmpsflowError):
-    """Raised by the correlation codec when a CorrelationId cannot be decoded."""
+    """Raised by the correlation codec when a CorrelationId cannot be decoded.
+
+    ``reason`` is a short, stable code (``empty``, ``wrong_length``,
+    ``bad_separator``, ``not_hex``, ``version_ff``, ``zero_trace_id``,
+    ``zero_span_id``, ``not_a_string``, ``out_of_range``) shared with the golden
+    vectors and recorded on spans; ``detail`` says more, for log lines.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 class BadMessageError(AmpsflowError):
