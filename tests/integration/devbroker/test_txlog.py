@@ -108,12 +108,12 @@ class TestAppendCommitRead:
 
     def test_positions_start_at_one_and_increase(self, log: TransactionLog) -> None:
         """Positions are 1-based and consecutive."""
-        assert [1, 2, 3] == [e.position for e in publish(log, 3)]
+        assert [e.position for e in publish(log, 3)] == [1, 2, 3]
 
     def test_commit_returns_the_durable_position(self, log: TransactionLog) -> None:
         """commit() makes everything appended durable and says up to where."""
         publish(log, 4)
-        assert (0, 4, 4) == (log.durable_position, log.commit(), log.durable_position)
+        assert (log.durable_position, log.commit(), log.durable_position) == (0, 4, 4)
 
     def test_uncommitted_entries_are_not_read(self, log: TransactionLog) -> None:
         """read() never returns entries beyond the durable position."""
@@ -121,7 +121,7 @@ class TestAppendCommitRead:
         log.commit()
         publish(log, 3)
         entries, _ = log.read(ReplayCursor(position=1), up_to=log.last_position, limit=100)
-        assert [1, 2] == [e.position for e in entries]
+        assert [e.position for e in entries] == [1, 2]
 
     def test_read_honours_limit(self, log: TransactionLog) -> None:
         """read() returns at most ``limit`` entries and a cursor to continue from."""
@@ -129,26 +129,26 @@ class TestAppendCommitRead:
         log.commit()
         first, cursor = log.read(ReplayCursor(position=1), up_to=10, limit=4)
         second, _ = log.read(cursor, up_to=10, limit=4)
-        assert ([1, 2, 3, 4], [5, 6, 7, 8]) == (
+        assert (
             [e.position for e in first],
             [e.position for e in second],
-        )
+        ) == ([1, 2, 3, 4], [5, 6, 7, 8])
 
     def test_sequences_count_per_publisher(self, log: TransactionLog) -> None:
         """Without a client ``s`` each publisher gets its own counter from 1."""
         a = publish(log, 2, client="a")
         b = publish(log, 1, client="b")
-        assert [1, 2, 1] == [e.sequence for e in a + b]
+        assert [e.sequence for e in a + b] == [1, 2, 1]
 
     def test_client_seq_is_the_sequence(self, log: TransactionLog) -> None:
         """A publisher's ``s`` is used as its sequence."""
         entries = publish(log, 2, client_seq=1795530538228000001)
-        assert [1795530538228000001, 1795530538228000002] == [e.sequence for e in entries]
+        assert [e.sequence for e in entries] == [1795530538228000001, 1795530538228000002]
 
     def test_sequence_never_goes_back_when_mixing(self, log: TransactionLog) -> None:
         """A client ``s`` below the publisher's highest sequence yields highest + 1."""
         publish(log, 1, client_seq=100)
-        assert 101 == publish(log, 1, client_seq=50)[0].sequence
+        assert publish(log, 1, client_seq=50)[0].sequence == 101
 
     def test_bookmark_names_publisher_and_sequence(self, log: TransactionLog) -> None:
         """An entry's bookmark is ``<publisher id>|<sequence>|``."""
@@ -175,15 +175,13 @@ class TestAppendCommitRead:
 
 
 class TestReopen:
-    def test_positions_and_sequences_continue(
-        self, opener: Callable[..., TransactionLog]
-    ) -> None:
+    def test_positions_and_sequences_continue(self, opener: Callable[..., TransactionLog]) -> None:
         """After close and reopen, positions and per-publisher sequences carry on."""
         first = opener()
         publish(first, 3)
         first.close()
         entry = publish(opener(), 1)[0]
-        assert (4, 4) == (entry.position, entry.sequence)
+        assert (entry.position, entry.sequence) == (4, 4)
 
     def test_close_commits_the_buffer(self, opener: Callable[..., TransactionLog]) -> None:
         """Entries appended before close() are on disk after reopen."""
@@ -199,11 +197,11 @@ class TestReopen:
         publish(first, 1, client="b")
         first.close()
         second = opener()
-        assert (12, 0, 0) == (
+        assert (
             second.highest_client_seq("a"),
             second.highest_client_seq("b"),
             second.highest_client_seq("unknown"),
-        )
+        ) == (12, 0, 0)
 
     def test_second_opener_is_refused(self, opener: Callable[..., TransactionLog]) -> None:
         """Only one process or log object may hold a directory."""
@@ -226,11 +224,11 @@ class TestHighestClientSeq:
         publish(log, 1, client="a", client_seq=7)
         before = log.highest_client_seq("a")
         log.commit()
-        assert (0, 7, 7) == (
+        assert (
             before,
             log.highest_client_seq("a"),
             log.highest_appended_client_seq("a"),
-        )
+        ) == (0, 7, 7)
 
 
 class TestTornTail:
@@ -292,4 +290,210 @@ class TestTornTail:
             report = log.open()
         finally:
             log.close()
-        assert (3, 3, 11) == (report.entries, report.last_position, report.truncated_bytes)
+        assert (report.entries, report.last_position, report.truncated_bytes) == (3, 3, 11)
+
+
+CRASHING_PUBLISHER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from ampsflow.devbroker.txlog import TransactionLog
+
+    log = TransactionLog(Path(sys.argv[1]), segment_bytes=8192)
+    log.open()
+    i = 0
+
+    def publish_and_commit(n):
+        global i
+        for _ in range(n):
+            log.append(topic="internal", client_name="crasher", correlation_id=None,
+                       body=b'{"i":%d}' % i, client_seq=None, timestamp_us=i)
+            i += 1
+        return log.commit()
+
+    print(publish_and_commit(int(sys.argv[2])), flush=True)
+    while True:
+        publish_and_commit(50)
+    """
+)
+
+
+class TestCrash:
+    @pytest.mark.slow
+    def test_every_committed_record_survives_sigkill(self, tmp_path: Path) -> None:
+        """A publisher killed mid-write loses nothing it had committed."""
+        directory = tmp_path / "txlog"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CRASHING_PUBLISHER, str(directory), "500"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            durable = int(proc.stdout.readline())
+            deadline = time.monotonic() + 30
+            while len(list(directory.glob("*.log"))) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        log = TransactionLog(directory)
+        try:
+            log.open()
+            bodies = [e.body for e in replay(log, "0")][:durable]
+        finally:
+            log.close()
+        assert [b'{"i":%d}' % i for i in range(durable)] == bodies
+
+
+class TestSegments:
+    def test_rollover_starts_a_file_named_by_its_first_position(self, log: TransactionLog) -> None:
+        """Once a segment reaches segment_bytes, the next commit starts a new file."""
+        log.segment_bytes = 1
+        for _ in range(3):
+            publish(log, 2)
+            log.commit()
+        assert [f"{p:020d}.log" for p in (1, 3, 5)] == segment_files(log)
+
+    def test_reads_span_segments(self, log: TransactionLog) -> None:
+        """Replay crosses segment boundaries in order."""
+        log.segment_bytes = 1
+        written = []
+        for _ in range(4):
+            written += publish(log, 3)
+            log.commit()
+        assert written == read_all(log, ReplayCursor(position=1), limit=2)
+
+    def test_reopen_continues_in_the_last_segment(
+        self, opener: Callable[..., TransactionLog]
+    ) -> None:
+        """After reopen, appends go to the last segment and everything reads back."""
+        first = opener(segment_bytes=1)
+        written = publish(first, 1)
+        first.commit()
+        written += publish(first, 1)
+        first.close()
+        second = opener()
+        written += publish(second, 1)
+        second.commit()
+        assert (written, 2) == (replay(second, "0"), len(segment_files(second)))
+
+
+class TestRetention:
+    def fill(self, log: TransactionLog, segments: int, per_segment: int = 3) -> list[LogEntry]:
+        """Write ``segments`` one-batch segments, a second apart in time."""
+        log.segment_bytes = 1
+        written = []
+        for s in range(segments):
+            written += publish(log, per_segment, ts_us=T0_US + s * 1_000_000)
+            log.commit()
+        return written
+
+    def test_by_bytes_deletes_oldest_closed_segments(self, log: TransactionLog) -> None:
+        """Segments beyond retention_bytes are deleted oldest first, whole."""
+        written = self.fill(log, 4)
+        per_segment = log.disk_bytes() // 4
+        log.retention_bytes = per_segment * 2
+        freed = log.enforce_retention()
+        assert (per_segment * 2, written[6:]) == (freed, replay(log, "0"))
+
+    def test_never_deletes_the_active_segment(self, log: TransactionLog) -> None:
+        """Even a zero byte limit keeps the segment being written."""
+        written = self.fill(log, 3)
+        log.retention_bytes = 0
+        log.enforce_retention()
+        assert written[6:] == replay(log, "0")
+
+    def test_by_age_uses_the_clock(self, opener: Callable[..., TransactionLog]) -> None:
+        """Segments whose newest entry is older than retention_age_s are deleted."""
+        clock = FakeClock(T0_US / 1_000_000)
+        log = opener(retention_age_s=10, clock=clock)
+        written = self.fill(log, 4)
+        before = log.enforce_retention()
+        clock.now += 11.5
+        log.enforce_retention()
+        assert (0, written[6:]) == (before, replay(log, "0"))
+
+    def test_sequences_continue_after_retention_and_reopen(
+        self, opener: Callable[..., TransactionLog]
+    ) -> None:
+        """Deleting segments does not reset positions, sequences or client ``s`` marks."""
+        first = opener()
+        publish(first, 3, client="gone", client_seq=40)
+        self.fill(first, 2)
+        first.retention_bytes = 0
+        first.enforce_retention()
+        first.close()
+        second = opener()
+        entry = publish(second, 1, client="gone")[0]
+        assert (entry.position, entry.sequence, second.highest_client_seq("gone")) == (10, 43, 42)
+
+    def test_bookmark_in_a_deleted_segment_starts_at_the_oldest(self, log: TransactionLog) -> None:
+        """Replay after a bookmark that retention deleted starts at the oldest retained entry."""
+        written = self.fill(log, 3)
+        log.retention_bytes = 0
+        log.enforce_retention()
+        assert written[6:] == replay(log, written[1].bookmark)
+
+
+class TestReplay:
+    @pytest.fixture
+    def two_publishers(self, log: TransactionLog) -> list[LogEntry]:
+        """a1 b1 a2 b2 a3 b3, committed, one second apart."""
+        out = []
+        for i in range(3):
+            out += publish(log, 1, client="a", client_seq=10 + i, ts_us=T0_US + 2 * i * 10**6)
+            out += publish(log, 1, client="b", ts_us=T0_US + (2 * i + 1) * 10**6)
+        log.commit()
+        return out
+
+    def test_epoch_replays_everything(
+        self, log: TransactionLog, two_publishers: list[LogEntry]
+    ) -> None:
+        """``0`` replays the whole log."""
+        assert two_publishers == replay(log, "0")
+
+    def test_now_replays_nothing(self, log: TransactionLog, two_publishers: list[LogEntry]) -> None:
+        """``0|1|`` starts after the last appended entry."""
+        cursor = log.replay_start(ReplaySpec(now=True))
+        assert (cursor.position, read_all(log, cursor)) == (7, [])
+
+    def test_bookmark_resumes_after_that_message(
+        self, log: TransactionLog, two_publishers: list[LogEntry]
+    ) -> None:
+        """``pub|seq|`` replays what came after that message, from every publisher."""
+        assert two_publishers[3:] == replay(log, two_publishers[2].bookmark)
+
+    def test_unknown_bookmark_skips_that_publisher_up_to_it(
+        self, log: TransactionLog, two_publishers: list[LogEntry]
+    ) -> None:
+        """A bookmark not in the log replays from the start minus that publisher's messages."""
+        b = [e for e in two_publishers if e.publisher_id == publisher_id("b")]
+        assert b == replay(log, f"{publisher_id('a')}|15|")
+
+    def test_list_starts_at_the_earliest_and_skips_per_publisher(
+        self, log: TransactionLog, two_publishers: list[LogEntry]
+    ) -> None:
+        """A list replays from its earliest bookmark, skipping each publisher's covered messages."""
+        a1, _b1, a2, b2, a3, b3 = two_publishers
+        assert [a2, a3, b3] == replay(log, f"{a1.bookmark},{b2.bookmark}")
+
+    def test_list_with_epoch_starts_at_the_beginning(
+        self, log: TransactionLog, two_publishers: list[LogEntry]
+    ) -> None:
+        """``0,pub|seq|`` replays from the start, skipping that publisher's covered messages."""
+        a1, _b1, a2, b2, a3, b3 = two_publishers
+        assert [a1, a2, a3, b3] == replay(log, f"0,{b2.bookmark}")
+
+    def test_timestamp_replays_from_that_instant(
+        self, log: TransactionLog, two_publishers: list[LogEntry]
+    ) -> None:
+        """A timestamp replays entries published at or after it."""
+        instant = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(T0_US // 10**6 + 2))
+        assert two_publishers[2:] == replay(log, instant)
+
+    def test_timestamp_after_everything_replays_nothing(
+        self, log: TransactionLog, two_publishers: list[LogEntry]
+    ) -> None:
+        """A timestamp later than the newest entry replays nothing."""
+        assert replay(log, "29991231T235959Z") == []

@@ -25,13 +25,13 @@ class TestPublisherId:
     def test_is_a_nonzero_uint64(self) -> None:
         """Publisher ids fit in a uint64 and are never 0 (reserved for epoch/now)."""
         ids = [publisher_id(f"client-{i}") for i in range(200)]
-        assert [] == [i for i in ids if not 0 < i < 2**64]
+        assert [i for i in ids if not 0 < i < 2**64] == []
 
 
 class TestFormatBookmark:
     def test_has_the_amps_shape(self) -> None:
         """A bookmark is ``<publisher>|<sequence>|``."""
-        assert "12|34|" == format_bookmark(12, 34)
+        assert format_bookmark(12, 34) == "12|34|"
 
     def test_round_trips_through_the_parser(self) -> None:
         """A formatted bookmark parses back to resume after that publisher's sequence."""
@@ -53,51 +53,51 @@ class TestParseBookmark:
     def test_single_bookmark_resumes_after_it(self) -> None:
         """``pub|seq|`` records that publisher's high-water mark."""
         spec = parse_bookmark("12290412031115262887|1484244707000000010|")
-        assert (False, False, {12290412031115262887: 1484244707000000010}, None) == (
+        assert (
             spec.from_epoch,
             spec.now,
             dict(spec.after),
             spec.since_timestamp_us,
-        )
+        ) == (False, False, {12290412031115262887: 1484244707000000010}, None)
 
     def test_trailing_bar_is_optional(self) -> None:
         """``pub|seq`` without the customary trailing bar is accepted."""
-        assert {5: 7} == dict(parse_bookmark("5|7").after)
+        assert dict(parse_bookmark("5|7").after) == {5: 7}
 
     def test_list_keeps_every_publisher(self) -> None:
         """A comma list maps each listed publisher to its sequence."""
-        assert {1: 2, 3: 4} == dict(parse_bookmark("1|2|,3|4|").after)
+        assert dict(parse_bookmark("1|2|,3|4|").after) == {1: 2, 3: 4}
 
     def test_list_with_epoch_replays_from_the_start(self) -> None:
         """``0,pub|seq|`` (the JS client after a reconnect) starts at epoch with skips."""
         spec = parse_bookmark("0,9|3|")
-        assert (True, {9: 3}) == (spec.from_epoch, dict(spec.after))
+        assert (spec.from_epoch, dict(spec.after)) == (True, {9: 3})
 
     def test_list_keeps_the_highest_sequence_of_a_repeated_publisher(self) -> None:
         """A publisher listed twice keeps its highest sequence."""
-        assert {1: 9} == dict(parse_bookmark("1|9|,1|4|").after)
+        assert dict(parse_bookmark("1|9|,1|4|").after) == {1: 9}
 
     def test_list_tolerates_spaces(self) -> None:
         """Whitespace around list items is ignored."""
-        assert {1: 2, 3: 4} == dict(parse_bookmark(" 1|2| , 3|4| ").after)
+        assert dict(parse_bookmark(" 1|2| , 3|4| ").after) == {1: 2, 3: 4}
 
     def test_timestamp_is_utc_microseconds(self) -> None:
         """``YYYYMMDDTHHMMSSZ`` is read as UTC."""
-        assert 1_704_067_200_000_000 == parse_bookmark("20240101T000000Z").since_timestamp_us
+        assert parse_bookmark("20240101T000000Z").since_timestamp_us == 1_704_067_200_000_000
 
     def test_timestamp_fraction_is_microseconds(self) -> None:
         """A fractional part is padded to microseconds."""
-        assert 1_704_067_201_250_000 == parse_bookmark("20240101T000001.25Z").since_timestamp_us
+        assert parse_bookmark("20240101T000001.25Z").since_timestamp_us == 1_704_067_201_250_000
 
     def test_skips_covers_sequences_up_to_the_mark(self) -> None:
         """The skip rule covers a listed publisher's sequences at or below its mark."""
         spec = parse_bookmark("1|5|")
-        assert [True, True, False, False] == [
+        assert [
             spec.skips(1, 4),
             spec.skips(1, 5),
             spec.skips(1, 6),
             spec.skips(2, 1),
-        ]
+        ] == [True, True, False, False]
 
     @pytest.mark.parametrize(
         "value",
