@@ -120,3 +120,10 @@ class TransactionLogError(AmpsflowError):
 
     The message names the directory or file and the operating-system error, in one line.
     """
+
+
+class SetupError(AmpsflowError):
+    """Raised by ``ampsflow setup-system`` when a step cannot be planned or applied.
+
+    The message says what is missing (e.g. ``systemd-sysusers``) and what to do.
+    """
