@@ -18,9 +18,11 @@ A record whose length, checksum or position is wrong ends the segment: at :meth:
 file is truncated there (a torn tail after a crash) and a WARNING says how many bytes were
 dropped.
 
-Threading: :meth:`TransactionLog.append`, :meth:`read` and :meth:`replay_start` run on the
-event-loop thread; :meth:`commit` may run in a worker thread at the same time (group
-commit). Appends go to an in-memory buffer that :meth:`commit` swaps out under a lock, then
+Threading: :meth:`TransactionLog.append` runs on the event-loop thread; :meth:`commit` may
+run in a worker thread at the same time (group commit). :meth:`replay_start` and
+:meth:`read` only read files and snapshots, so they may run on the loop or in a worker
+thread (a bookmark lookup scans one segment, which can take a while for 64 MiB segments).
+Appends go to an in-memory buffer that :meth:`commit` swaps out under a lock, then
 writes and ``fdatasync``\\ s without holding it. Only one commit runs at a time.
 
 Memory is bounded per segment, not per message: each segment keeps its first/last
@@ -312,6 +314,8 @@ class TransactionLog:
             TransactionLogError: the directory cannot be created, written or locked, or a
                 segment cannot be read.
         """
+        if self._opened:
+            raise TransactionLogError(f"transaction log {self.directory} is already open")
         try:
             created = not self.directory.exists()
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -455,6 +459,8 @@ class TransactionLog:
         highest sequence so far, otherwise that highest sequence + 1, so sequences strictly
         increase per publisher even when a client mixes both kinds of publishes.
         """
+        if not self._opened:
+            raise TransactionLogError(f"transaction log {self.directory} is not open")
         known = self._names.get(client_name)
         if known is None:
             known = (publisher_id(client_name), client_name.encode("utf-8"))

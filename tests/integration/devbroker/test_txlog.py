@@ -435,6 +435,24 @@ class TestRetention:
         log.enforce_retention()
         assert written[6:] == replay(log, written[1].bookmark)
 
+    def test_replay_overtaken_by_retention_continues_at_the_oldest(
+        self, log: TransactionLog
+    ) -> None:
+        """A replay whose next segment was deleted meanwhile resumes at the oldest entry."""
+        written = self.fill(log, 3)
+        first, cursor = log.read(ReplayCursor(position=1), up_to=9, limit=1)
+        log.retention_bytes = 0
+        log.enforce_retention()
+        assert [*first, *written[6:]] == [*first, *read_all(log, cursor)]
+
+
+class TestClosed:
+    def test_append_after_close_is_refused(self, log: TransactionLog) -> None:
+        """A closed log raises instead of buffering records that would never be written."""
+        log.close()
+        with pytest.raises(TransactionLogError, match="not open"):
+            publish(log, 1)
+
 
 class TestReplay:
     @pytest.fixture
