@@ -122,6 +122,22 @@ class TransactionLogError(AmpsflowError):
     """
 
 
+class ProtocolError(AmpsflowError, ValueError):
+    """Raised by the devbroker when a client frame or header cannot be understood.
+
+    The message says what is wrong (``header is not valid JSON: ...``); the broker answers
+    with a failure ack when it can tell which command it was, otherwise it closes the
+    connection, logs the message and counts it.
+    """
+
+
+class AuthError(AmpsflowError):
+    """Raised when the devbroker users file cannot be read or has a malformed line.
+
+    The message names the file and line; the broker refuses to start.
+    """
+
+
 class SetupError(AmpsflowError):
     """Raised by ``ampsflow setup-system`` when a step cannot be planned or applied.
 

@@ -1,0 +1,814 @@
+"""The devbroker process: listeners, group commit, fan-out, replay, lifecycle.
+
+:class:`Broker` is the in-process API (tests start one on port 0); :func:`run` is
+``ampsflow devbroker``.
+
+Durability and ordering. A publish is appended to the transaction log (buffered) and
+nothing else happens to it until a group commit has ``fdatasync``'d it: one commit at a
+time runs in a worker thread and takes everything appended meanwhile. After each commit,
+on the event loop and in log order: the committed entries are fanned out to live
+subscriptions, publish-store persisted acks (cumulative ``s`` per connection) are sent,
+and flush acks waiting for those entries are answered. Subscribers therefore only ever
+see durable messages, so replay and live delivery always agree.
+
+A bookmark subscription starts "catching up": it replays log entries in chunks up to
+:attr:`Broker.delivered_position` (what the fan-out has reached), skipped by the fan-out
+meanwhile, and turns live in the same event-loop step in which its cursor passes that
+position, so the switch has no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from ampsflow.adapters.systemd import Notifier
+from ampsflow.config import Config, DevbrokerConfig, parse_host_port
+from ampsflow.devbroker import protocol
+from ampsflow.devbroker.auth import Users
+from ampsflow.devbroker.bookmarks import ReplaySpec
+from ampsflow.devbroker.session import Connection, Counters, Subscription
+from ampsflow.devbroker.txlog import LogEntry, ReplayCursor, TransactionLog
+from ampsflow.errors import AuthError, ProtocolError, TransactionLogError
+from ampsflow.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.1
+"""Granularity of heartbeats, heartbeat timeouts and subscription persisted acks."""
+STATS_INTERVAL_S = 60.0
+RETENTION_INTERVAL_S = 60.0
+REPLAY_CHUNK = 512
+"""Log entries read per replay step; replay yields to the event loop between steps."""
+OUTBOUND_HIGH_WATER = 1024 * 1024
+"""Replay waits while a connection has more than this queued (live traffic does not wait:
+it is bounded by ``max_outbound_bytes`` instead)."""
+MAX_PENDING_ENTRIES = 200_000
+"""Appended but not yet committed entries above which publishers' sockets stop being
+read until the log catches up."""
+_CID = re.compile(rb'"(?:cid|cmd_id)":"([^"\\]{1,200})"')
+_UNPARSED = object()
+
+
+def _parse_body(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _tail(entry: LogEntry, with_timestamp: bool) -> bytes:
+    timestamp = protocol.format_timestamp(entry.timestamp_us) if with_timestamp else None
+    return protocol.delivery_tail(entry.topic, entry.bookmark, entry.correlation_id, timestamp)
+
+
+class Broker:
+    """The devbroker: one transaction log, a TCP and a WebSocket listener.
+
+    Args:
+        config: the ``devbroker`` config section; ports may be 0 (see :attr:`tcp_port`).
+        users: overrides ``config.users_file`` (tests); ``None`` reads the file if set.
+    """
+
+    def __init__(self, config: DevbrokerConfig, *, users: Users | None = None) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.users = users
+        self.log = TransactionLog(
+            Path(config.data_dir),
+            segment_bytes=config.segment_bytes,
+            retention_bytes=config.retention_bytes,
+            retention_age_s=config.retention_age_s,
+        )
+        self.delivered_position = 0
+        self._pending: deque[LogEntry] = deque()
+        self._after: deque[tuple[int, Callable[[], None]]] = deque()
+        self._ack_conns: set[Connection] = set()
+        self._conns: set[Connection] = set()
+        self._subs: list[Subscription] = []
+        self._topic_cache: dict[str, list[Subscription]] = {}
+        self._paused: set[TcpConnection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._dirty: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="devbroker-txlog")
+        self._tcp_server: asyncio.Server | None = None
+        self._ws_runner: web.AppRunner | None = None
+        self._tcp_port = 0
+        self._ws_port = 0
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def tcp_port(self) -> int:
+        """The TCP listener's bound port (useful when configured as 0)."""
+        return self._tcp_port
+
+    @property
+    def websocket_port(self) -> int:
+        """The WebSocket listener's bound port (useful when configured as 0)."""
+        return self._ws_port
+
+    async def start(self) -> None:
+        """Open the log, start the committer and the listeners.
+
+        Raises:
+            TransactionLogError: the data directory is unusable.
+            AuthError: the users file cannot be read.
+            OSError: a listener cannot bind.
+        """
+        if self.users is None and self.config.users_file:
+            self.users = Users.load(Path(self.config.users_file))
+        report = self.log.open()
+        self._started = True
+        logger.info(
+            "transaction log %s: %d entries in %d segments, last position %d",
+            self.config.data_dir,
+            report.entries,
+            report.segments,
+            report.last_position,
+        )
+        self.delivered_position = self.log.durable_position
+        self._dirty = asyncio.Event()
+        self._spawn(self._committer())
+        self._spawn(self._ticker())
+        loop = asyncio.get_running_loop()
+        try:
+            host, port = parse_host_port(self.config.tcp)
+            self._tcp_server = await loop.create_server(
+                lambda: TcpConnection(self), host, port, reuse_address=True
+            )
+            self._tcp_port = self._tcp_server.sockets[0].getsockname()[1]
+            app = web.Application()
+            app.router.add_get("/amps/json", self._websocket)
+            self._ws_runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            await self._ws_runner.setup()
+            host, port = parse_host_port(self.config.websocket)
+            site = web.TCPSite(self._ws_runner, host, port, reuse_address=True)
+            await site.start()
+            self._ws_port = self._ws_runner.addresses[0][1]
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop accepting, commit, answer what waits for that commit, close everything."""
+        if self._stopped or not self._started:
+            self._executor.shutdown(wait=False)
+            return
+        self._stopped = True
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        try:
+            durable = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.log.commit
+            )
+            self._on_durable(durable)
+        except TransactionLogError as exc:
+            logger.error("final commit failed: %s", exc)  # noqa: TRY400 - one line says it all
+        for conn in list(self._conns):
+            conn.close("broker shutting down")
+        if self._ws_runner is not None:
+            await self._ws_runner.cleanup()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._executor.shutdown(wait=True)
+        self.log.close()
+        logger.info("devbroker stopped: %s", self.counters.as_text())
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.track(task)
+        return task
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a reference to ``task`` until it ends (cancelled at :meth:`stop`)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("devbroker task failed", exc_info=task.exception())
+
+    # ------------------------------------------------------------------ connections
+
+    def add_connection(self, conn: Connection) -> None:
+        """Register a new client connection."""
+        self._conns.add(conn)
+        self.counters.connections_opened += 1
+        logger.debug("%r: connected", conn)
+
+    def remove_connection(self, conn: Connection, reason: str) -> None:
+        """Forget a closed connection and its subscriptions."""
+        if conn not in self._conns:
+            return
+        self._conns.discard(conn)
+        self._ack_conns.discard(conn)
+        if isinstance(conn, TcpConnection):
+            self._paused.discard(conn)
+        for sub in list(conn.subs.values()):
+            self.remove_subscription(sub)
+        conn.subs.clear()
+        self.counters.connections_closed += 1
+        logger.debug("%r: disconnected (%s)", conn, reason)
+
+    def add_subscription(self, sub: Subscription, spec: ReplaySpec | None) -> None:
+        """Start delivering to ``sub``: live at once, or after replaying from ``spec``."""
+        self._subs.append(sub)
+        self._topic_cache.clear()
+        self.counters.subscriptions += 1
+        if spec is None:
+            sub.live = True
+            return
+        sub.live = False
+        self._spawn(self._replay(sub, self.log.replay_start(spec)))
+
+    def remove_subscription(self, sub: Subscription) -> None:
+        """Stop delivering to ``sub`` (a replay in progress ends at its next step)."""
+        sub.live = False
+        with contextlib.suppress(ValueError):
+            self._subs.remove(sub)
+        self._topic_cache.clear()
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish(
+        self, conn: Connection, topic: str, correlation_id: str | None, body: bytes, seq: int | None
+    ) -> None:
+        """Append a publish to the log; it is delivered after the next commit."""
+        entry = self.log.append(
+            topic=topic,
+            client_name=conn.client_name,
+            correlation_id=correlation_id,
+            body=body,
+            client_seq=seq,
+            timestamp_us=time.time_ns() // 1000,
+        )
+        self._pending.append(entry)
+        self.counters.published += 1
+        assert self._dirty is not None
+        self._dirty.set()
+
+    @property
+    def congested(self) -> bool:
+        """True while too many entries wait for a commit (publishers are paused)."""
+        return len(self._pending) > MAX_PENDING_ENTRIES
+
+    def pause(self, conn: TcpConnection) -> None:
+        """Remember a connection whose reading was paused because of congestion."""
+        self._paused.add(conn)
+
+    def wants_persisted_ack(self, conn: Connection) -> None:
+        """``conn`` has publish-store sequences to acknowledge after a commit."""
+        self._ack_conns.add(conn)
+        assert self._dirty is not None
+        self._dirty.set()
+
+    def after_durable(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once everything appended so far is committed and delivered."""
+        position = self.log.last_position
+        if position <= self.delivered_position:
+            callback()
+            return
+        self._after.append((position, callback))
+        assert self._dirty is not None
+        self._dirty.set()
+
+    async def wait_durable(self) -> None:
+        """Wait until everything appended so far is committed and delivered."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.after_durable(finished)
+        await done
+
+    async def _committer(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.config.commit_delay_ms / 1000
+        assert self._dirty is not None
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                durable = await loop.run_in_executor(self._executor, self.log.commit)
+            except TransactionLogError as exc:
+                self.counters.commit_failures += 1
+                logger.error("commit failed, acks withheld, retrying in 1 s: %s", exc)  # noqa: TRY400 - one line says it all
+                await asyncio.sleep(1.0)
+                self._dirty.set()
+                continue
+            self.counters.commits += 1
+            self._on_durable(durable)
+
+    def _on_durable(self, durable: int) -> None:
+        pending = self._pending
+        if pending and pending[0].position <= durable:
+            batch = []
+            while pending and pending[0].position <= durable:
+                batch.append(pending.popleft())
+            self._fan_out(batch)
+        self.delivered_position = max(self.delivered_position, durable)
+        if self._ack_conns:
+            for conn in list(self._ack_conns):
+                conn.flush_persisted(durable)
+                if not conn.pending_persisted:
+                    self._ack_conns.discard(conn)
+        after = self._after
+        while after and after[0][0] <= durable:
+            after.popleft()[1]()
+        if self._paused and not self.congested:
+            for conn in list(self._paused):
+                conn.resume()
+            self._paused.clear()
+
+    def _fan_out(self, batch: list[LogEntry]) -> None:
+        cache = self._topic_cache
+        for entry in batch:
+            subs = cache.get(entry.topic)
+            if subs is None:
+                if len(cache) > 10_000:
+                    cache.clear()
+                subs = [s for s in self._subs if s.matches_topic(entry.topic)]
+                cache[entry.topic] = subs
+            if subs:
+                self._deliver(entry, subs)
+
+    def _deliver(self, entry: LogEntry, subs: list[Subscription]) -> None:
+        body: object = _UNPARSED
+        targets: dict[Connection, list[Subscription]] = {}
+        for sub in subs:
+            if not sub.live:
+                continue
+            if sub.matches_body is not None:
+                if body is _UNPARSED:
+                    body = _parse_body(entry.body)
+                if not sub.matches_body(body):
+                    continue
+            group = targets.get(sub.conn)
+            if group is None:
+                targets[sub.conn] = [sub]
+            else:
+                group.append(sub)
+        if not targets:
+            return
+        bookmark = entry.bookmark
+        plain: bytes | None = None
+        for conn, group in targets.items():
+            with_ts = False
+            for sub in group:
+                sub.last_bookmark = bookmark
+                with_ts = with_ts or sub.with_timestamp
+            if with_ts:
+                tail = _tail(entry, True)
+            else:
+                if plain is None:
+                    plain = _tail(entry, False)
+                tail = plain
+            sids = group[0].sub_id if len(group) == 1 else ",".join(s.sub_id for s in group)
+            conn.deliver(sids, tail, entry.body)
+        self.counters.delivered += len(targets)
+
+    async def _replay(self, sub: Subscription, cursor: ReplayCursor) -> None:
+        conn = sub.conn
+        try:
+            while True:
+                if conn.closed or conn.subs.get(sub.sub_id) is not sub:
+                    return
+                entries, cursor = self.log.read(
+                    cursor, up_to=self.delivered_position, limit=REPLAY_CHUNK
+                )
+                for entry in entries:
+                    if not sub.matches_topic(entry.topic):
+                        continue
+                    if sub.matches_body is not None and not sub.matches_body(
+                        _parse_body(entry.body)
+                    ):
+                        continue
+                    conn.deliver(sub.sub_id, _tail(entry, sub.with_timestamp), entry.body)
+                    sub.last_bookmark = entry.bookmark
+                    self.counters.replayed += 1
+                if cursor.position > self.delivered_position:
+                    sub.live = True
+                    break
+                await conn.drain()
+            if sub.wants_completed:
+                conn.send(protocol.ack(sub.command, "completed"))
+        except (TransactionLogError, OSError) as exc:
+            logger.error("%r: replay for %s failed: %s", conn, sub.sub_id, exc)  # noqa: TRY400 - one line says it all
+            conn.close("replay failed")
+
+    # ------------------------------------------------------------------ periodic work
+
+    async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_stats = time.monotonic() + STATS_INTERVAL_S
+        next_retention = time.monotonic() + RETENTION_INTERVAL_S
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for conn in list(self._conns):
+                conn.tick(now)
+            if now >= next_stats:
+                next_stats = now + STATS_INTERVAL_S
+                logger.debug(
+                    "devbroker: %d connections, %d subscriptions, log position %d; %s",
+                    len(self._conns),
+                    len(self._subs),
+                    self.delivered_position,
+                    self.counters.as_text(),
+                )
+            if now >= next_retention:
+                next_retention = now + RETENTION_INTERVAL_S
+                try:
+                    await loop.run_in_executor(self._executor, self.log.enforce_retention)
+                except TransactionLogError as exc:
+                    logger.error("retention failed: %s", exc)  # noqa: TRY400 - one line says it all
+
+    # ------------------------------------------------------------------ bad frames
+
+    def bad_frame(self, conn: Connection, raw: bytes, error: ProtocolError) -> None:
+        """Count and log an unparseable header; answer it when its ``cid`` can be found."""
+        self.counters.malformed_frames += 1
+        logger.warning("%r: malformed frame (%s): %.120r", conn, error, raw)
+        match = _CID.search(raw)
+        if match is not None:
+            conn.nack({"cid": match.group(1).decode("utf-8", "replace")}, "invalid header")
+
+    # ------------------------------------------------------------------ WebSocket
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes)
+        await ws.prepare(request)
+        peer = request.remote or "?"
+        conn = WsConnection(self, ws, peer)
+        self.add_connection(conn)
+        reason = "client closed"
+        try:
+            first = await ws.receive()
+            if first.type != WSMsgType.TEXT or first.data not in ("text", "binary"):
+                reason = "no text/binary preamble"
+                self.counters.malformed_frames += 1
+                logger.warning("%r: expected the 'text' preamble frame, got %s", conn, first.type)
+                return ws
+            while not conn.closed:
+                msg = await ws.receive()
+                if msg.type == WSMsgType.ERROR:
+                    reason = f"websocket error: {msg.data}"
+                    if "too big" in str(msg.data).lower():
+                        self.counters.oversized_frames += 1
+                    logger.warning("%r: %s", conn, reason)
+                    break
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
+                if msg.type != WSMsgType.BINARY or len(msg.data) != 4:
+                    reason = "expected a frame-count frame"
+                    self.counters.malformed_frames += 1
+                    logger.warning("%r: %s, got %s; closing", conn, reason, msg.type)
+                    break
+                (count,) = protocol.WS_COUNT.unpack(msg.data)
+                if not 1 <= count <= 4096:
+                    reason = f"bad frame count {count}"
+                    self.counters.malformed_frames += 1
+                    logger.warning("%r: %s; closing", conn, reason)
+                    break
+                parts: list[bytes] = []
+                for _ in range(count):
+                    part = await ws.receive()
+                    if part.type == WSMsgType.TEXT:
+                        parts.append(part.data.encode("utf-8"))
+                    elif part.type == WSMsgType.BINARY:
+                        parts.append(part.data)
+                    else:
+                        reason = f"connection ended inside a command ({part.type})"
+                        conn.closed = True
+                        break
+                if conn.closed:
+                    break
+                raw_header = parts[0]
+                body = b"".join(parts[1:])
+                if len(body) + len(raw_header) > self.config.max_frame_bytes:
+                    self.counters.oversized_frames += 1
+                    reason = "oversized command"
+                    logger.warning("%r: command of %d bytes; closing", conn, len(body))
+                    break
+                try:
+                    header = protocol.parse_header(raw_header)
+                except ProtocolError as exc:
+                    self.bad_frame(conn, raw_header, exc)
+                    continue
+                while self.congested and not conn.closed:
+                    await asyncio.sleep(0.01)
+                conn.receive(header, body)
+        finally:
+            conn.closed = True
+            self.remove_connection(conn, conn.close_reason or reason)
+            await conn.finish()
+        return ws
+
+
+class TcpConnection(Connection, asyncio.Protocol):
+    """A client on the TCP listener: length-prefixed frames both ways."""
+
+    transport_name = "tcp"
+
+    def __init__(self, broker: Broker) -> None:
+        Connection.__init__(self, broker, "?")
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._inbound = bytearray()
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._writable: asyncio.Future[None] | None = None
+        self._max_frame = broker.config.max_frame_bytes
+        self._max_out = broker.config.max_outbound_bytes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register with the broker."""
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        transport.set_write_buffer_limits(high=OUTBOUND_HIGH_WATER)
+        self.broker.add_connection(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection."""
+        self.closed = True
+        self.broker.remove_connection(self, self.close_reason or (str(exc) if exc else "EOF"))
+        self._wake_writers()
+
+    def data_received(self, data: bytes) -> None:
+        """Split the stream into frames and hand each to :meth:`receive`."""
+        buf = self._inbound
+        buf += data
+        pos = 0
+        size = len(buf)
+        while size - pos >= 4 and not self.closed:
+            (length,) = protocol.LENGTH.unpack_from(buf, pos)
+            if length > self._max_frame:
+                self.broker.counters.oversized_frames += 1
+                logger.warning(
+                    "%r: frame of %d bytes exceeds max_frame_bytes %d; closing",
+                    self,
+                    length,
+                    self._max_frame,
+                )
+                self.close("oversized frame")
+                return
+            end = pos + 4 + length
+            if end > size:
+                break
+            frame = bytes(buf[pos + 4 : end])
+            pos = end
+            try:
+                raw_header, body = protocol.split_frame(frame)
+                header = protocol.parse_header(raw_header)
+            except ProtocolError as exc:
+                self.broker.bad_frame(self, frame, exc)
+                continue
+            self.receive(header, body)
+        if pos:
+            del buf[:pos]
+        if self.broker.congested and self._transport is not None and not self.closed:
+            self._transport.pause_reading()
+            self.broker.pause(self)
+
+    def resume(self) -> None:
+        """Resume reading after congestion."""
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    def send(self, header: bytes, body: bytes | None = None) -> None:
+        """Queue a frame; frames queued in one event-loop step go out in one write."""
+        if self.closed:
+            return
+        data = protocol.frame(header, body) if body else protocol.frame(header)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes > self._max_out:
+            self._slow_consumer()
+            return
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._flush_scheduled = False
+        if not self._out or self._transport is None or self.closed:
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        self._out_bytes = 0
+        self._transport.write(data)
+        if self._transport.get_write_buffer_size() > self._max_out:
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        self.broker.counters.slow_consumers += 1
+        logger.warning(
+            "%r: more than max_outbound_bytes (%d) queued; disconnecting slow consumer",
+            self,
+            self._max_out,
+        )
+        self.closed = True
+        self.close_reason = "slow consumer"
+        self._out.clear()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def outbound_bytes(self) -> int:
+        """Bytes queued here plus those in the transport's buffer."""
+        buffered = self._transport.get_write_buffer_size() if self._transport else 0
+        return self._out_bytes + buffered
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is above its high-water mark."""
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        """The transport's buffer drained."""
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Write what is queued and wait while the transport's buffer is full."""
+        self._write_out()
+        if self._writable is not None and not self.closed:
+            await self._writable
+        else:
+            await asyncio.sleep(0)
+
+    def close(self, reason: str) -> None:
+        """Send what is queued, then close."""
+        if self._transport is None or self._transport.is_closing():
+            self.closed = True
+            return
+        self._write_out()
+        self.closed = True
+        self.close_reason = reason
+        self._transport.close()
+
+
+class WsConnection(Connection):
+    """A JavaScript client on the WebSocket listener (header and body as separate frames)."""
+
+    transport_name = "ws"
+
+    def __init__(self, broker: Broker, ws: web.WebSocketResponse, peer: str) -> None:
+        super().__init__(broker, peer)
+        self._ws = ws
+        self._queue: deque[tuple[str, bytes | None]] = deque()
+        self._queued_bytes = 0
+        self._max_out = broker.config.max_outbound_bytes
+        self._wakeup = asyncio.Event()
+        self._below_high_water = asyncio.Event()
+        self._below_high_water.set()
+        self._closing = False
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def send(self, header: bytes, body: bytes | None = None) -> None:
+        """Queue a header text frame and, for a non-empty message body, a body frame."""
+        if self.closed or self._closing:
+            return
+        self._queue.append((header.decode("utf-8"), body or None))
+        self._queued_bytes += len(header) + (len(body) if body else 0)
+        if self._queued_bytes > self._max_out:
+            self.broker.counters.slow_consumers += 1
+            logger.warning(
+                "%r: more than max_outbound_bytes (%d) queued; disconnecting slow consumer",
+                self,
+                self._max_out,
+            )
+            self._queue.clear()
+            self.close_reason = "slow consumer"
+            self.closed = True
+            self._wakeup.set()
+            return
+        if self._queued_bytes > OUTBOUND_HIGH_WATER:
+            self._below_high_water.clear()
+        self._wakeup.set()
+
+    async def _write_loop(self) -> None:
+        ws = self._ws
+        try:
+            while not self.closed:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._queue and not self.closed:
+                    header, body = self._queue.popleft()
+                    await ws.send_str(header)
+                    if body is not None:
+                        try:
+                            await ws.send_str(body.decode("utf-8"))
+                        except UnicodeDecodeError:
+                            await ws.send_bytes(body)
+                    self._queued_bytes -= len(header) + (len(body) if body else 0)
+                    if self._queued_bytes <= OUTBOUND_HIGH_WATER:
+                        self._below_high_water.set()
+                if self._closing and not self._queue:
+                    break
+        except (ConnectionError, RuntimeError) as exc:
+            logger.debug("%r: write failed: %s", self, exc)
+        finally:
+            self.closed = True
+            self._below_high_water.set()
+            await ws.close()
+
+    def outbound_bytes(self) -> int:
+        """Bytes queued for the writer task."""
+        return self._queued_bytes
+
+    async def drain(self) -> None:
+        """Wait while more than the high-water mark is queued."""
+        await self._below_high_water.wait()
+        await asyncio.sleep(0)
+
+    def close(self, reason: str) -> None:
+        """Send what is queued, then close the WebSocket."""
+        if self._closing or self.closed:
+            return
+        self._closing = True
+        self.close_reason = reason
+        self._wakeup.set()
+
+    async def finish(self) -> None:
+        """Called when the reader ends: stop the writer and close the socket."""
+        self.closed = True
+        self._wakeup.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self._writer, timeout=5)
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    """``ampsflow devbroker``: serve until SIGTERM/SIGINT; exit 1 when it cannot start."""
+    del args  # the CLI has already applied its flags to the config
+    configure_logging(config.logging, service="devbroker")
+    return asyncio.run(_serve(config.devbroker))
+
+
+async def _serve(config: DevbrokerConfig) -> int:
+    broker = Broker(config)
+    try:
+        await broker.start()
+    except (TransactionLogError, AuthError, OSError, ValueError) as exc:
+        logger.error("devbroker cannot start: %s", exc)  # noqa: TRY400 - one line says it all
+        print(f"ampsflow devbroker: {exc}", file=sys.stderr)
+        return 1
+    tcp_host = parse_host_port(config.tcp)[0]
+    ws_host = parse_host_port(config.websocket)[0]
+    status = (
+        f"listening on tcp://{tcp_host}:{broker.tcp_port}/amps/json and "
+        f"ws://{ws_host}:{broker.websocket_port}/amps/json"
+    )
+    logger.info("devbroker %s (data dir %s)", status, config.data_dir)
+    notifier = Notifier()
+    notifier.ready(status)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: exiting at once", signal.Signals(signum).name)
+            os._exit(1)
+        logger.info("%s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await stop.wait()
+    finally:
+        notifier.stopping()
+        await broker.stop()
+    return 0

@@ -1,0 +1,431 @@
+"""One client connection of the devbroker: command handling, acks, subscriptions.
+
+A :class:`Connection` is transport-agnostic: the TCP and WebSocket adapters in
+:mod:`ampsflow.devbroker.server` feed it decoded ``(header, body)`` pairs through
+:meth:`Connection.receive` and implement :meth:`Connection.send` / :meth:`Connection.close`.
+Everything that touches the transaction log or other connections goes through the
+:class:`~ampsflow.devbroker.server.Broker`.
+
+Commands are handled in arrival order; a logon (which may verify a password off the event
+loop and waits for the client name's last sequence to be durable) holds back the frames
+that follow it until it is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+from ampsflow.devbroker import protocol
+from ampsflow.devbroker.bookmarks import parse_bookmark, publisher_id
+from ampsflow.devbroker.filters import compile_filter, compile_topic, is_regex_topic
+from ampsflow.errors import BookmarkError, FilterError, ProtocolError, TopicError
+
+if TYPE_CHECKING:
+    from ampsflow.devbroker.server import Broker
+
+logger = logging.getLogger(__name__)
+
+Header = protocol.Header
+
+UNSUPPORTED = {
+    "sow": "sow queries are not supported by the devbroker (it has no state of the world)",
+    "sow_and_subscribe": "sow_and_subscribe is not supported by the devbroker (no state of "
+    "the world); use subscribe with a bookmark",
+    "sow_and_delta_subscribe": "sow_and_delta_subscribe is not supported by the devbroker (no "
+    "state of the world); use subscribe with a bookmark",
+    "sow_delete": "sow_delete is not supported by the devbroker (no state of the world)",
+    "start_timer": "start_timer is not supported by the devbroker",
+    "stop_timer": "stop_timer is not supported by the devbroker",
+}
+"""Commands the devbroker refuses, with the failure reason it answers."""
+
+QUEUE_ACK_CID = "AMPS-queue-ack"
+"""The Python client acknowledges every bookmarked message with a ``sow_delete`` under
+this command id (queue semantics); without queues there is nothing to do."""
+
+_IMMEDIATE_ACKS = ("received", "parsed")
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the broker has seen since it started (logged at shutdown and every minute)."""
+
+    connections_opened: int = 0
+    connections_closed: int = 0
+    logons: int = 0
+    auth_failures: int = 0
+    frames_in: int = 0
+    published: int = 0
+    duplicates: int = 0
+    delivered: int = 0
+    replayed: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    subscriptions: int = 0
+    nacks: int = 0
+    malformed_frames: int = 0
+    oversized_frames: int = 0
+    unsupported_commands: int = 0
+    slow_consumers: int = 0
+    heartbeat_timeouts: int = 0
+
+    def as_text(self) -> str:
+        """Return ``name=value`` pairs for a log line."""
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+@dataclass(slots=True, eq=False)
+class Subscription:
+    """One subscription of one connection."""
+
+    conn: Connection
+    sub_id: str
+    cid: str
+    topic: str
+    matches_topic: Callable[[str], bool]
+    matches_body: Callable[[object], bool] | None
+    is_regex: bool
+    with_timestamp: bool = False
+    live: bool = True
+    wants_persisted: bool = False
+    wants_completed: bool = False
+    last_bookmark: str = ""
+    acked_bookmark: str = ""
+    command: Header = field(default_factory=dict)
+
+
+class Connection:
+    """The broker side of one client connection (see the module docstring)."""
+
+    transport_name = "?"
+
+    def __init__(self, broker: Broker, peer: str) -> None:
+        self.broker = broker
+        self.peer = peer
+        self.client_name = ""
+        self.logged_on = False
+        self.closed = False
+        self.subs: dict[str, Subscription] = {}
+        self.heartbeat_s: float | None = None
+        self.next_heartbeat = 0.0
+        self.last_received = time.monotonic()
+        self.pending_persisted: deque[tuple[int, int]] = deque()
+        self.close_reason = ""
+        self._backlog: list[tuple[Header, bytes]] | None = None
+
+    # ------------------------------------------------------------------ transport side
+
+    def send(self, header: bytes, body: bytes | None = None) -> None:
+        """Queue one frame: ``body`` is ``None`` for frames without one (acks, heartbeats)."""
+        raise NotImplementedError
+
+    def close(self, reason: str) -> None:
+        """Close the connection; ``reason`` goes to the log."""
+        raise NotImplementedError
+
+    def outbound_bytes(self) -> int:
+        """Bytes queued for this client and not yet written to the socket."""
+        raise NotImplementedError
+
+    async def drain(self) -> None:
+        """Wait until the outbound queue is below its high-water mark."""
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        """Release transport resources once the connection has ended (default: nothing)."""
+
+    def deliver(self, sids: str, tail: bytes, body: bytes) -> None:
+        """Send a message to this connection's subscriptions ``sids``."""
+        self.send(protocol.delivery_header(sids, tail, empty_body=not body), body)
+
+    def __repr__(self) -> str:
+        return f"<{self.transport_name} {self.peer} {self.client_name or '-'}>"
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive(self, header: Header, body: bytes) -> None:
+        """Handle one client command (frames after a pending logon wait for it)."""
+        self.last_received = time.monotonic()
+        self.broker.counters.frames_in += 1
+        if self._backlog is not None:
+            self._backlog.append((header, body))
+            return
+        try:
+            self._dispatch(header, body)
+        except ProtocolError as exc:
+            self.broker.counters.malformed_frames += 1
+            logger.warning("%r: bad %s command: %s", self, header.get("c", "?"), exc)
+            self.nack(header, "invalid header")
+
+    def _dispatch(self, header: Header, body: bytes) -> None:
+        cmd = protocol.command_name(header)
+        if cmd == "publish" and self.logged_on:
+            self._publish(header, body)
+        elif cmd == "logon":
+            self._backlog = []
+            task = asyncio.get_running_loop().create_task(self._logon(header))
+            self.broker.track(task)
+        elif cmd == "heartbeat":
+            self._heartbeat(header)
+        elif not self.logged_on:
+            self.broker.counters.malformed_frames += 1
+            logger.warning("%r: %r before logon; closing", self, cmd)
+            self.nack(header, "logon required")
+            self.close("command before logon")
+        elif cmd == "subscribe":
+            self._subscribe(header)
+        elif cmd == "unsubscribe":
+            self._unsubscribe(header)
+        elif cmd == "flush":
+            self._flush_command(header)
+        elif cmd == "sow_delete" and header.get("cid") == QUEUE_ACK_CID:
+            self._queue_ack(header)
+        elif cmd in UNSUPPORTED:
+            self.broker.counters.unsupported_commands += 1
+            logger.info("%r: refused unsupported command %s", self, cmd)
+            self.nack(header, UNSUPPORTED[cmd])
+        else:
+            self.broker.counters.unsupported_commands += 1
+            logger.warning("%r: unknown command %r", self, cmd)
+            self.nack(header, f"unknown command {cmd!r}" if cmd else "missing command")
+
+    # ------------------------------------------------------------------ acks
+
+    def send_acks(self, command: Header, types: list[str] | tuple[str, ...]) -> None:
+        """Send the success acks of ``types`` for ``command``."""
+        for ack_type in types:
+            self.send(protocol.ack(command, ack_type))
+
+    def nack(self, command: Header, reason: str) -> None:
+        """Answer ``command`` with a failure ack (processed, or the first type it asked for).
+
+        A command that asked for no ack and has no ``cid`` cannot be answered; the failure
+        is only logged.
+        """
+        self.broker.counters.nacks += 1
+        types = protocol.ack_types(command)
+        if not types and not command.get("cid"):
+            logger.info("%r: %s failed (%s); the command asked for no ack", self, command, reason)
+            return
+        ack_type = "processed" if "processed" in types or not types else types[0]
+        self.send(protocol.ack(command, ack_type, reason=reason))
+
+    def add_persisted(self, seq: int) -> None:
+        """Acknowledge publish-store sequence ``seq`` once all logged so far is durable."""
+        if self.broker.log.last_position <= self.broker.delivered_position:
+            self.send(protocol.persisted_publish_ack(seq))
+            return
+        self.pending_persisted.append((self.broker.log.last_position, seq))
+        self.broker.wants_persisted_ack(self)
+
+    def flush_persisted(self, durable: int) -> None:
+        """Send the cumulative persisted ack for sequences durable up to ``durable``."""
+        pending = self.pending_persisted
+        seq = -1
+        while pending and pending[0][0] <= durable:
+            seq = max(seq, pending.popleft()[1])
+        if seq >= 0:
+            self.send(protocol.persisted_publish_ack(seq))
+
+    # ------------------------------------------------------------------ commands
+
+    async def _logon(self, header: Header) -> None:
+        try:
+            ok = await self._authenticate(header)
+            if self.closed:
+                return
+            if not ok:
+                self.broker.counters.auth_failures += 1
+                logger.warning("%r: auth failure for user %r", self, str(header.get("user_id", "")))
+                self.nack(header, "auth failure")
+                self.close("auth failure")
+                return
+            mt = str(header.get("mt", "json") or "json")
+            if mt != "json":
+                logger.warning("%r: unsupported message type %r", self, mt)
+                self.nack(header, "invalid message type")
+                self.close("unsupported message type")
+                return
+            self.client_name = str(header.get("client_name", ""))
+            # The client discards its publish store up to this sequence: report only what
+            # is durable, after waiting for what this name already has in flight.
+            log = self.broker.log
+            if log.highest_appended_client_seq(self.client_name) > log.highest_client_seq(
+                self.client_name
+            ):
+                await self.broker.wait_durable()
+            if self.closed:
+                return
+            last = self.broker.log.highest_client_seq(self.client_name)
+            self.logged_on = True
+            self.broker.counters.logons += 1
+            logger.debug("%r: logged on (last persisted sequence %d)", self, last)
+            self.send(
+                protocol.logon_ack(
+                    header,
+                    client_name=self.client_name,
+                    name_hash=publisher_id(self.client_name),
+                    last_seq=last,
+                )
+            )
+        finally:
+            backlog, self._backlog = self._backlog or [], None
+            for queued_header, queued_body in backlog:
+                if self.closed:
+                    break
+                self.receive(queued_header, queued_body)
+
+    async def _authenticate(self, header: Header) -> bool:
+        users = self.broker.users
+        if users is None:
+            return True
+        user = str(header.get("user_id", ""))
+        password = str(header.get("pw", ""))
+        return await asyncio.get_running_loop().run_in_executor(None, users.verify, user, password)
+
+    def _publish(self, header: Header, body: bytes) -> None:
+        topic = header.get("t")
+        if not topic or not isinstance(topic, str):
+            self.broker.counters.malformed_frames += 1
+            logger.warning("%r: publish without a topic", self)
+            self.nack(header, "invalid topic")
+            return
+        seq = protocol.parse_sequence(header.get("s"))
+        types = protocol.ack_types(header) if "a" in header else []
+        log = self.broker.log
+        if seq is not None and seq <= log.highest_appended_client_seq(self.client_name):
+            self.broker.counters.duplicates += 1
+            logger.debug("%r: duplicate publish s=%d not logged again", self, seq)
+        else:
+            x = header.get("x")
+            self.broker.publish(self, topic, str(x) if x else None, body, seq)
+        if not types:
+            return
+        immediate = [t for t in types if t in _IMMEDIATE_ACKS]
+        self.send_acks(header, immediate)
+        if seq is not None and "persisted" in types:
+            self.add_persisted(seq)
+        later = [t for t in types if t not in _IMMEDIATE_ACKS and (seq is None or t != "persisted")]
+        if later:
+            self.broker.after_durable(lambda: self.send_acks(header, later))
+
+    def _flush_command(self, header: Header) -> None:
+        types = protocol.ack_types(header) or ["processed"]
+        self.send_acks(header, [t for t in types if t in _IMMEDIATE_ACKS])
+        later = [t for t in types if t not in _IMMEDIATE_ACKS]
+        if later:
+            self.broker.after_durable(lambda: self.send_acks(header, later))
+
+    def _queue_ack(self, header: Header) -> None:
+        seq = protocol.parse_sequence(header.get("s"))
+        if seq is not None:
+            self.add_persisted(seq)
+
+    def _heartbeat(self, header: Header) -> None:
+        option = str(header.get("o", ""))
+        if option.startswith("start"):
+            _, _, value = option.partition(",")
+            try:
+                interval = float(value) if value else 0.0
+            except ValueError:
+                interval = 0.0
+            if interval <= 0:
+                self.nack(header, "invalid options")
+                return
+            self.heartbeat_s = interval
+            self.next_heartbeat = time.monotonic() + interval
+        elif option == "stop":
+            self.heartbeat_s = None
+        self.send_acks(header, protocol.ack_types(header))
+
+    def _subscribe(self, header: Header) -> None:
+        topic = header.get("t")
+        sub_id = str(header.get("sub_id") or header.get("cid") or "")
+        opts = protocol.options(header)
+        if not sub_id:
+            self.nack(header, "invalid subid")
+            return
+        if not isinstance(topic, str) or not topic:
+            self.nack(header, "invalid topic")
+            return
+        if sub_id in self.subs and "replace" not in opts:
+            self.nack(header, "subscription already exists")
+            return
+        try:
+            matches_topic = compile_topic(topic)
+            text = header.get("filter")
+            matches_body = compile_filter(str(text)) if text else None
+            bookmark = header.get("bm")
+            spec = parse_bookmark(str(bookmark)) if bookmark not in (None, "") else None
+        except TopicError as exc:
+            logger.info("%r: subscribe %s refused: %s %s", self, sub_id, exc.reason, exc.detail)
+            self.nack(header, exc.reason)
+            return
+        except FilterError as exc:
+            logger.info("%r: subscribe %s refused: bad filter: %s", self, sub_id, exc)
+            self.nack(header, "bad filter")
+            return
+        except BookmarkError as exc:
+            logger.info("%r: subscribe %s refused: %s", self, sub_id, exc)
+            self.nack(header, "invalid bookmark")
+            return
+        types = protocol.ack_types(header)
+        old = self.subs.pop(sub_id, None)
+        if old is not None:
+            self.broker.remove_subscription(old)
+        sub = Subscription(
+            conn=self,
+            sub_id=sub_id,
+            cid=str(header.get("cid", sub_id)),
+            topic=topic,
+            matches_topic=matches_topic,
+            matches_body=matches_body,
+            is_regex=is_regex_topic(topic),
+            with_timestamp="timestamp" in opts,
+            wants_persisted=spec is not None and "persisted" in types,
+            wants_completed=spec is not None and "completed" in types,
+            command=header,
+        )
+        self.subs[sub_id] = sub
+        self.send_acks(header, [t for t in types if t in (*_IMMEDIATE_ACKS, "processed")])
+        self.broker.add_subscription(sub, spec)
+
+    def _unsubscribe(self, header: Header) -> None:
+        wanted = str(header.get("sub_id", "all") or "all")
+        ids = list(self.subs) if wanted == "all" else [s.strip() for s in wanted.split(",")]
+        for sub_id in ids:
+            sub = self.subs.pop(sub_id, None)
+            if sub is not None:
+                self.broker.remove_subscription(sub)
+        self.send_acks(header, protocol.ack_types(header))
+
+    # ------------------------------------------------------------------ periodic
+
+    def tick(self, now: float) -> None:
+        """Heartbeats (send, and time out a silent client) and subscription persisted acks."""
+        if self.heartbeat_s is not None:
+            if now - self.last_received > 3 * self.heartbeat_s:
+                self.broker.counters.heartbeat_timeouts += 1
+                logger.warning(
+                    "%r: no traffic for %.1f s (heartbeat %g s); closing",
+                    self,
+                    now - self.last_received,
+                    self.heartbeat_s,
+                )
+                self.close("heartbeat timeout")
+                return
+            if now >= self.next_heartbeat:
+                self.next_heartbeat = now + self.heartbeat_s
+                self.send(protocol.HEARTBEAT)
+        for sub in self.subs.values():
+            if sub.wants_persisted and sub.last_bookmark != sub.acked_bookmark:
+                sub.acked_bookmark = sub.last_bookmark
+                self.send(
+                    protocol.subscription_persisted_ack(sub.cid, sub.sub_id, sub.last_bookmark)
+                )
