@@ -1,0 +1,499 @@
+"""``ampsflow marker``: the web server of the marker page.
+
+One port serves everything the page needs, so neither the collector nor the
+broker has to allow cross-origin requests:
+
+- ``/`` and ``/assets/...``: the built page (``static/``, shipped in the
+  package), loaded into memory at startup; only files that exist there can be
+  served, so no request path can reach anything else. Hashed assets are cached
+  for a year, ``index.html`` is revalidated on every load.
+- ``/config.json``: what the page needs from the ``marker`` config section.
+- ``POST /v1/traces``: the page's OTLP/HTTP spans, forwarded to
+  ``otlp_traces_upstream`` with a body-size cap and a timeout; an unreachable
+  collector is a quick 502 with a JSON reason, never a hanging request.
+- ``/amps/json``: a WebSocket proxied frame by frame (text and binary kept as
+  they are) to the broker's WebSocket listener ``amps_websocket_upstream``.
+- ``/healthz``: liveness plus the proxy counters.
+
+Every response carries security headers and a Content-Security-Policy that
+allows the page's own scripts and styles and connections to its own origin
+(plus ``amps_websocket_url`` when the page talks to the broker directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from ampsflow.adapters.systemd import Notifier
+from ampsflow.config import Config, MarkerConfig, parse_host_port
+from ampsflow.errors import StartupError
+from ampsflow.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+"""The built page, as produced by ``npm run build`` in ``marker/``."""
+
+MAX_WS_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Largest WebSocket message relayed in either direction (the devbroker's default frame cap)."""
+
+SHUTDOWN_TIMEOUT_S = 5.0
+"""How long graceful shutdown waits for in-flight requests."""
+
+UPSTREAM_CONNECT_TIMEOUT_S = 5.0
+"""How long a browser's WebSocket waits for the broker connection before a 502."""
+
+_IMMUTABLE = "public, max-age=31536000, immutable"
+_REVALIDATE = "no-cache"
+
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8",
+    ".map": "application/json",
+}
+
+_HOST_HEADER = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+
+
+@dataclass(frozen=True, slots=True)
+class StaticFile:
+    """One file of the built page, held in memory."""
+
+    body: bytes
+    content_type: str
+    cache_control: str
+    etag: str
+
+
+def content_type_for(name: str) -> str:
+    """The Content-Type for a file name (``application/octet-stream`` if unknown)."""
+    return _CONTENT_TYPES.get(PurePosixPath(name).suffix.lower(), "application/octet-stream")
+
+
+def load_static(root: Path) -> dict[str, StaticFile]:
+    """Read every file under ``root`` into a table keyed by URL path (``/index.html``).
+
+    Raises:
+        StartupError: when ``root`` has no ``index.html`` (the page was not built).
+    """
+    if not (root / "index.html").is_file():
+        raise StartupError(f"marker page not found: {root / 'index.html'} is missing")
+    table: dict[str, StaticFile] = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(root).as_posix()
+        body = path.read_bytes()
+        # Vite puts content-hashed names under assets/: safe to cache forever.
+        cache = _IMMUTABLE if rel.startswith("assets/") else _REVALIDATE
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        table["/" + rel] = StaticFile(body, content_type_for(rel), cache, etag)
+    return table
+
+
+def websocket_origin(url: str) -> str:
+    """``ws://host:port`` of a WebSocket URL, for the CSP."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def content_security_policy(config: MarkerConfig, host: str | None, *, secure: bool) -> str:
+    """The CSP for the page served to ``host`` (the request's Host header).
+
+    ``'self'`` covers same-origin ``ws:`` in CSP Level 3 browsers; the
+    explicit same-host WebSocket source keeps older ones working. An invalid
+    Host header is not echoed into the policy.
+    """
+    connect = ["'self'"]
+    if config.amps_websocket_url:
+        connect.append(websocket_origin(config.amps_websocket_url))
+    elif host is not None and _HOST_HEADER.match(host):
+        connect.append(f"{'wss' if secure else 'ws'}://{host}")
+    return "; ".join(
+        (
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self' data:",
+            f"connect-src {' '.join(connect)}",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        )
+    )
+
+
+SECURITY_HEADERS: Mapping[str, str] = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()",
+}
+
+
+def page_config(config: MarkerConfig) -> dict[str, object]:
+    """The body of ``/config.json``."""
+    return {
+        "service_name": config.service_name,
+        "topic": config.topic,
+        "amps_websocket_url": config.amps_websocket_url,
+        "jaeger_ui_url": config.jaeger_ui_url,
+        "traces_enabled": config.otlp_traces_upstream is not None,
+    }
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the proxies did since startup; served on ``/healthz``."""
+
+    otlp_forwarded: int = 0
+    otlp_too_large: int = 0
+    otlp_upstream_errors: int = 0
+    otlp_upstream_timeouts: int = 0
+    otlp_dropped_no_upstream: int = 0
+    ws_sessions_total: int = 0
+    ws_sessions_active: int = 0
+    ws_upstream_failures: int = 0
+    ws_messages_relayed: int = 0
+
+
+@dataclass(slots=True)
+class _State:
+    config: MarkerConfig
+    static: dict[str, StaticFile]
+    counters: Counters = field(default_factory=Counters)
+    session: aiohttp.ClientSession | None = None
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    otlp_failing: bool = False
+
+
+_STATE = web.AppKey("marker_state", _State)
+
+
+def _json_error(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+@web.middleware
+async def _security_headers(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    state = request.app[_STATE]
+    if not response.prepared:
+        response.headers.update(SECURITY_HEADERS)
+        response.headers["Content-Security-Policy"] = content_security_policy(
+            state.config, request.headers.get("Host"), secure=request.secure
+        )
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
+
+
+async def _static(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    path = request.path
+    if path == "/":
+        path = "/index.html"
+    item = state.static.get(path)
+    if item is None:
+        raise web.HTTPNotFound(text="not found\n")
+    headers = {"Cache-Control": item.cache_control, "ETag": item.etag}
+    if item.etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    # aiohttp sends no body for HEAD on its own.
+    return web.Response(body=item.body, headers={**headers, "Content-Type": item.content_type})
+
+
+async def _config_json(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    return web.json_response(page_config(state.config), headers={"Cache-Control": "no-store"})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    return web.json_response(
+        {"status": "ok", **dataclasses.asdict(state.counters)},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it exceeds ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _otlp_failed(state: _State, message: str, *args: object) -> None:
+    # One WARNING per outage, not one per export batch of every open page.
+    if not state.otlp_failing:
+        state.otlp_failing = True
+        logger.warning(message, *args)
+    else:
+        logger.debug(message, *args)
+
+
+async def _traces(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    config = state.config
+    body = await _read_capped(request, config.otlp_max_body_bytes)
+    if body is None:
+        state.counters.otlp_too_large += 1
+        logger.warning(
+            "rejected an OTLP body over otlp_max_body_bytes=%d", config.otlp_max_body_bytes
+        )
+        limit = config.otlp_max_body_bytes
+        return _json_error(413, "payload too large", f"OTLP bodies are limited to {limit} bytes")
+    if config.otlp_traces_upstream is None:
+        state.counters.otlp_dropped_no_upstream += 1
+        # An empty body is an empty ExportTraceServiceResponse: success for the exporter.
+        return web.Response(status=200, content_type="application/x-protobuf")
+    assert state.session is not None
+    headers = {"Content-Type": request.headers.get("Content-Type", "application/x-protobuf")}
+    if "Content-Encoding" in request.headers:
+        headers["Content-Encoding"] = request.headers["Content-Encoding"]
+    upstream = config.otlp_traces_upstream
+    try:
+        async with state.session.post(
+            upstream,
+            data=body,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=config.otlp_timeout_ms / 1000),
+        ) as response:
+            reply = await response.read()
+            status = response.status
+            content_type = response.headers.get("Content-Type", "application/x-protobuf")
+    except TimeoutError:
+        state.counters.otlp_upstream_timeouts += 1
+        _otlp_failed(
+            state, "OTLP upstream %s did not answer within %d ms", upstream, config.otlp_timeout_ms
+        )
+        return _json_error(
+            504,
+            "otlp upstream timeout",
+            f"{upstream} did not answer within {config.otlp_timeout_ms} ms",
+        )
+    except aiohttp.ClientError as exc:
+        state.counters.otlp_upstream_errors += 1
+        _otlp_failed(state, "OTLP upstream %s unavailable: %s", upstream, exc)
+        return _json_error(502, "otlp upstream unavailable", f"{upstream}: {exc}")
+    if status >= 400:
+        state.counters.otlp_upstream_errors += 1
+        _otlp_failed(state, "OTLP upstream %s answered HTTP %d", upstream, status)
+    else:
+        state.counters.otlp_forwarded += 1
+        if state.otlp_failing:
+            state.otlp_failing = False
+            logger.warning("OTLP upstream %s is accepting spans again", upstream)
+    return web.Response(status=status, body=reply, headers={"Content-Type": content_type})
+
+
+async def _relay(
+    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    counters: Counters,
+) -> None:
+    """Copy frames from ``source`` to ``target`` until ``source`` closes."""
+    async for message in source:
+        if message.type is WSMsgType.TEXT:
+            await target.send_str(message.data)
+        elif message.type is WSMsgType.BINARY:
+            await target.send_bytes(message.data)
+        elif message.type is WSMsgType.ERROR:
+            logger.debug("WebSocket error: %s", source.exception())
+            break
+        else:
+            continue
+        counters.ws_messages_relayed += 1
+
+
+async def _amps_websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    config = state.config
+    assert state.session is not None
+    browser = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE_BYTES, autoping=True)
+    if not browser.can_prepare(request).ok:
+        raise web.HTTPBadRequest(text="WebSocket upgrade expected\n")
+    try:
+        # The JS client offers no subprotocol, so none is requested upstream either.
+        broker = await state.session.ws_connect(
+            config.amps_websocket_upstream,
+            max_msg_size=MAX_WS_MESSAGE_BYTES,
+            autoping=True,
+            timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        state.counters.ws_upstream_failures += 1
+        logger.warning("AMPS upstream %s unavailable: %s", config.amps_websocket_upstream, exc)
+        return _json_error(
+            502, "amps upstream unavailable", f"{config.amps_websocket_upstream}: {exc}"
+        )
+    await browser.prepare(request)
+    state.sockets.add(browser)
+    state.counters.ws_sessions_total += 1
+    state.counters.ws_sessions_active += 1
+    logger.debug("AMPS WebSocket session from %s opened", request.remote)
+    to_broker = asyncio.create_task(_relay(browser, broker, state.counters))
+    to_browser = asyncio.create_task(_relay(broker, browser, state.counters))
+    try:
+        await asyncio.wait({to_broker, to_browser}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (to_broker, to_browser):
+            task.cancel()
+        for task in (to_broker, to_browser):
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, ConnectionError):
+                await task
+        # Whichever side closed first, the other learns it with the same code.
+        code = broker.close_code if broker.closed else browser.close_code
+        await broker.close()
+        await browser.close(code=code if code else aiohttp.WSCloseCode.GOING_AWAY)
+        state.sockets.discard(browser)
+        state.counters.ws_sessions_active -= 1
+        logger.debug("AMPS WebSocket session from %s closed", request.remote)
+    return browser
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    state = app[_STATE]
+    # No total timeout here: the OTLP call sets its own, and WebSocket
+    # sessions live as long as the page.
+    state.session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=UPSTREAM_CONNECT_TIMEOUT_S),
+        auto_decompress=False,
+    )
+    yield
+    await state.session.close()
+
+
+async def _close_websockets(app: web.Application) -> None:
+    for socket in list(app[_STATE].sockets):
+        await socket.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+def build_app(config: MarkerConfig, *, static_dir: Path = STATIC_DIR) -> web.Application:
+    """The marker web application for ``config``, serving the page from ``static_dir``.
+
+    Raises:
+        StartupError: when the page is missing from ``static_dir``.
+    """
+    app = web.Application(middlewares=[_security_headers])
+    app[_STATE] = _State(config=config, static=load_static(static_dir))
+    app.cleanup_ctx.append(_client_session)
+    app.on_shutdown.append(_close_websockets)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/config.json", _config_json)
+    app.router.add_post("/v1/traces", _traces)
+    app.router.add_get("/amps/json", _amps_websocket)
+    app.router.add_get("/{path:.*}", _static)
+    return app
+
+
+def counters(app: web.Application) -> Counters:
+    """The proxy counters of an app built by :func:`build_app`."""
+    return app[_STATE].counters
+
+
+async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None:
+    """Serve until ``stop`` is set, then shut down gracefully.
+
+    Raises:
+        StartupError: when the page is missing or the address cannot be bound.
+    """
+    marker = config.marker
+    host, port = parse_host_port(marker.listen)
+    app = build_app(marker)
+    runner = web.AppRunner(app, access_log=logger if logger.isEnabledFor(logging.DEBUG) else None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {marker.listen}: {exc.strerror or exc}") from exc
+        if marker.otlp_traces_upstream is None:
+            logger.warning("otlp_traces_upstream is not set: the page's spans are not exported")
+        logger.info(
+            "marker serving on http://%s:%d (AMPS upstream %s, OTLP upstream %s)",
+            host,
+            port,
+            marker.amps_websocket_upstream,
+            marker.otlp_traces_upstream,
+        )
+        notifier.ready(f"serving on {marker.listen}")
+        while not stop.is_set():
+            notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+        notifier.stopping()
+        logger.info("marker stopping")
+    finally:
+        await runner.cleanup()
+    logger.info("marker stopped")
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    """``ampsflow marker``: serve the page and its proxies until SIGTERM or SIGINT."""
+    del args  # --listen is already applied to config.marker by the CLI
+    configure_logging(config.logging, service="marker")
+    notifier = Notifier()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                # A second signal: the operator does not want to wait.
+                logger.warning("second signal: exiting immediately")
+                sys.exit(1)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+        await serve(config, stop, notifier)
+
+    try:
+        asyncio.run(main())
+    except StartupError as exc:
+        print(f"ampsflow marker: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,459 @@
+"""The marker web server against real sockets: static assets and their headers,
+/config.json, the OTLP proxy (fake collector) and the AMPS WebSocket proxy
+(echo server), plus the ``ampsflow marker`` process lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from ampsflow.config import MarkerConfig
+from ampsflow.services.marker.server import STATIC_DIR, build_app, counters
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _closed_port_url(path: str) -> str:
+    """A URL on a loopback port nothing listens on."""
+    return f"http://127.0.0.1:{_free_port()}{path}"
+
+
+@dataclass
+class Collector:
+    """A fake OTLP/HTTP collector that records what it receives."""
+
+    requests: list[tuple[str, bytes]] = field(default_factory=list)
+    delay_s: float = 0.0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((request.headers.get("Content-Type", ""), await request.read()))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+
+@asynccontextmanager
+async def _serve(app: web.Application) -> AsyncIterator[TestServer]:
+    server = TestServer(app, host="127.0.0.1", port=_free_port())
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def _collector(collector: Collector) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/v1/traces", collector.handle)
+    async with _serve(app) as server:
+        yield str(server.make_url("/v1/traces"))
+
+
+async def _echo(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        if message.type is aiohttp.WSMsgType.TEXT:
+            await ws.send_str("echo:" + message.data)
+        elif message.type is aiohttp.WSMsgType.BINARY:
+            await ws.send_bytes(b"echo:" + message.data)
+    return ws
+
+
+@asynccontextmanager
+async def _echo_broker() -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_get("/amps/json", _echo)
+    async with _serve(app) as server:
+        yield f"ws://127.0.0.1:{server.port}/amps/json"
+
+
+@asynccontextmanager
+async def _marker(config: MarkerConfig) -> AsyncIterator[tuple[TestServer, web.Application]]:
+    app = build_app(config)
+    async with _serve(app) as server:
+        yield server, app
+
+
+def _run(scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return asyncio.run(scenario())
+
+
+def _config(**overrides: Any) -> MarkerConfig:
+    defaults: dict[str, Any] = {
+        "otlp_traces_upstream": _closed_port_url("/v1/traces"),
+        "amps_websocket_upstream": _closed_port_url("/amps/json").replace("http", "ws"),
+    }
+    return MarkerConfig(**{**defaults, **overrides})
+
+
+async def _get(config: MarkerConfig, path: str, **kwargs: Any) -> tuple[int, Any, bytes]:
+    async with (
+        _marker(config) as (server, _),
+        aiohttp.ClientSession() as client,
+        client.get(server.make_url(path), **kwargs) as response,
+    ):
+        return response.status, response.headers, await response.read()
+
+
+def _asset_path(suffix: str) -> str:
+    names = sorted(p.name for p in (STATIC_DIR / "assets").iterdir() if p.name.endswith(suffix))
+    return f"/assets/{names[0]}"
+
+
+class TestStatic:
+    def test_index_is_html(self) -> None:
+        """/ serves index.html as UTF-8 HTML."""
+        status, headers, _ = _run(lambda: _get(_config(), "/"))
+        assert (status, headers["Content-Type"]) == (200, "text/html; charset=utf-8")
+
+    def test_index_is_revalidated(self) -> None:
+        """index.html is never served from cache without revalidation."""
+        _, headers, _ = _run(lambda: _get(_config(), "/"))
+        assert headers["Cache-Control"] == "no-cache"
+
+    def test_index_matches_the_shipped_file(self) -> None:
+        """The body of / is the shipped index.html."""
+        _, _, body = _run(lambda: _get(_config(), "/"))
+        assert (STATIC_DIR / "index.html").read_bytes() == body
+
+    def test_script_type(self) -> None:
+        """The hashed script is served as JavaScript."""
+        _, headers, _ = _run(lambda: _get(_config(), _asset_path(".js")))
+        assert headers["Content-Type"] == "text/javascript; charset=utf-8"
+
+    def test_stylesheet_type(self) -> None:
+        """The hashed stylesheet is served as CSS."""
+        _, headers, _ = _run(lambda: _get(_config(), _asset_path(".css")))
+        assert headers["Content-Type"] == "text/css; charset=utf-8"
+
+    def test_hashed_assets_are_immutable(self) -> None:
+        """Content-hashed assets may be cached for a year."""
+        _, headers, _ = _run(lambda: _get(_config(), _asset_path(".js")))
+        assert headers["Cache-Control"] == "public, max-age=31536000, immutable"
+
+    def test_etag_revalidation(self) -> None:
+        """A matching If-None-Match gets 304."""
+        _, headers, _ = _run(lambda: _get(_config(), "/"))
+        status, _, _ = _run(
+            lambda: _get(_config(), "/", headers={"If-None-Match": headers["ETag"]})
+        )
+        assert status == 304
+
+    def test_unknown_path(self) -> None:
+        """A path that is not part of the page is 404."""
+        status, _, _ = _run(lambda: _get(_config(), "/nope.js"))
+        assert status == 404
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/../../../../etc/passwd",
+            "/assets/../../server.py",
+            "/%2e%2e/%2e%2e/server.py",
+            "/assets/..%2f..%2fserver.py",
+            "/..%5c..%5cserver.py",
+        ],
+    )
+    def test_traversal_is_rejected(self, path: str) -> None:
+        """No request path reaches a file outside the built page."""
+
+        async def scenario() -> tuple[int, bytes]:
+            async with _marker(_config()) as (server, _):
+                # A raw request line, so the client cannot normalise the path.
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                )
+                await writer.drain()
+                raw = await reader.read()
+                writer.close()
+                return int(raw.split(b" ", 2)[1]), raw
+
+        status, raw = _run(scenario)
+        assert (status in (400, 404), b"import" in raw) == (True, False)
+
+
+class TestSecurityHeaders:
+    def test_csp_allows_only_what_the_page_needs(self) -> None:
+        """The CSP allows own scripts/styles and WebSockets to the serving host only."""
+        _, headers, _ = _run(lambda: _get(_config(), "/", headers={"Host": "marker.test:8080"}))
+        expected = (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self' ws://marker.test:8080; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'"
+        )
+        assert expected == headers["Content-Security-Policy"]
+
+    def test_csp_names_a_direct_broker_url(self) -> None:
+        """With amps_websocket_url set, the CSP allows that broker's origin."""
+        config = _config(amps_websocket_url="ws://broker.test:9008/amps/json")
+        _, headers, _ = _run(lambda: _get(config, "/"))
+        assert "connect-src 'self' ws://broker.test:9008;" in headers["Content-Security-Policy"]
+
+    def test_bad_host_is_not_echoed(self) -> None:
+        """A Host header with odd characters stays out of the CSP."""
+        _, headers, _ = _run(lambda: _get(_config(), "/", headers={"Host": "a b;script-src *"}))
+        assert "connect-src 'self';" in headers["Content-Security-Policy"]
+
+    def test_nosniff_and_framing(self) -> None:
+        """Responses forbid MIME sniffing and framing."""
+        _, headers, _ = _run(lambda: _get(_config(), "/"))
+        assert (
+            headers["X-Content-Type-Options"],
+            headers["X-Frame-Options"],
+        ) == ("nosniff", "DENY")
+
+    def test_errors_carry_the_headers(self) -> None:
+        """A 404 carries the security headers too."""
+        _, headers, _ = _run(lambda: _get(_config(), "/missing"))
+        assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+class TestConfigJson:
+    def test_page_config(self) -> None:
+        """/config.json carries the marker settings the page uses."""
+        config = _config(topic="marks", jaeger_ui_url="http://jaeger:16686")
+        _, _, body = _run(lambda: _get(config, "/config.json"))
+        expected = {
+            "service_name": "react-web-app",
+            "topic": "marks",
+            "amps_websocket_url": None,
+            "jaeger_ui_url": "http://jaeger:16686",
+            "traces_enabled": True,
+        }
+        assert expected == json.loads(body)
+
+    def test_traces_disabled_without_upstream(self) -> None:
+        """Without otlp_traces_upstream the page is told not to export."""
+        _, _, body = _run(lambda: _get(_config(otlp_traces_upstream=None), "/config.json"))
+        assert False is json.loads(body)["traces_enabled"]
+
+
+_SPANS = b"\x0a\x02\x08\x01" * 64  # any bytes: the proxy does not parse protobuf
+
+
+async def _post_traces(
+    config: MarkerConfig, body: bytes, *, collector: Collector | None = None
+) -> tuple[int, bytes, web.Application]:
+    async with (
+        _marker(config) as (server, app),
+        aiohttp.ClientSession() as client,
+        client.post(
+            server.make_url("/v1/traces"),
+            data=body,
+            headers={"Content-Type": "application/x-protobuf"},
+        ) as response,
+    ):
+        return response.status, await response.read(), app
+
+
+class TestOtlpProxy:
+    def test_forwards_protobuf(self) -> None:
+        """The body and its content type reach the collector unchanged."""
+        collector = Collector()
+
+        async def scenario() -> list[tuple[str, bytes]]:
+            async with _collector(collector) as url:
+                await _post_traces(_config(otlp_traces_upstream=url), _SPANS)
+            return collector.requests
+
+        assert _run(scenario) == [("application/x-protobuf", _SPANS)]
+
+    def test_answers_with_the_collector_status(self) -> None:
+        """The page gets the collector's 200."""
+
+        async def scenario() -> int:
+            async with _collector(Collector()) as url:
+                status, _, _ = await _post_traces(_config(otlp_traces_upstream=url), _SPANS)
+            return status
+
+        assert _run(scenario) == 200
+
+    def test_oversized_body_is_413(self) -> None:
+        """A body over otlp_max_body_bytes is rejected before forwarding."""
+        collector = Collector()
+
+        async def scenario() -> tuple[int, int]:
+            async with _collector(collector) as url:
+                config = _config(otlp_traces_upstream=url, otlp_max_body_bytes=100)
+                status, _, app = await _post_traces(config, b"x" * 101)
+            return status, counters(app).otlp_too_large
+
+        assert (_run(scenario), collector.requests) == ((413, 1), [])
+
+    def test_collector_down_is_502(self) -> None:
+        """An unreachable collector is a 502 with a JSON reason."""
+        status, body, _ = _run(lambda: _post_traces(_config(), _SPANS))
+        assert (status, json.loads(body)["error"]) == (502, "otlp upstream unavailable")
+
+    def test_collector_down_is_counted(self) -> None:
+        """Each failed forward is counted."""
+        _, _, app = _run(lambda: _post_traces(_config(), _SPANS))
+        assert counters(app).otlp_upstream_errors == 1
+
+    def test_slow_collector_times_out(self) -> None:
+        """A collector slower than otlp_timeout_ms gets the page a 504, not a hang."""
+        collector = Collector(delay_s=5.0)
+
+        async def scenario() -> int:
+            async with _collector(collector) as url:
+                config = _config(otlp_traces_upstream=url, otlp_timeout_ms=200)
+                status, _, _ = await _post_traces(config, _SPANS)
+            return status
+
+        assert _run(scenario) == 504
+
+    def test_no_upstream_drops(self) -> None:
+        """Without an upstream, spans are accepted and dropped (counted)."""
+        _, _, app = _run(lambda: _post_traces(_config(otlp_traces_upstream=None), _SPANS))
+        assert counters(app).otlp_dropped_no_upstream == 1
+
+
+async def _ws_round_trip(config: MarkerConfig) -> list[tuple[aiohttp.WSMsgType, Any]]:
+    async with (
+        _marker(config) as (server, _),
+        aiohttp.ClientSession() as client,
+        client.ws_connect(server.make_url("/amps/json")) as ws,
+    ):
+        await ws.send_bytes(b"\x01\x00\x00\x00")
+        await ws.send_str('{"c":"logon"}')
+        replies = [await ws.receive(timeout=5), await ws.receive(timeout=5)]
+    return [(m.type, m.data) for m in replies]
+
+
+class TestAmpsWebSocketProxy:
+    def test_round_trip_keeps_frame_types(self) -> None:
+        """Binary and text frames cross the proxy both ways as they are."""
+
+        async def scenario() -> list[tuple[aiohttp.WSMsgType, Any]]:
+            async with _echo_broker() as url:
+                return await _ws_round_trip(_config(amps_websocket_upstream=url))
+
+        expected = [
+            (aiohttp.WSMsgType.BINARY, b"echo:\x01\x00\x00\x00"),
+            (aiohttp.WSMsgType.TEXT, 'echo:{"c":"logon"}'),
+        ]
+        assert expected == _run(scenario)
+
+    def test_broker_down_is_502(self) -> None:
+        """Without a broker the upgrade is refused with 502."""
+
+        async def scenario() -> int:
+            async with _marker(_config()) as (server, _), aiohttp.ClientSession() as client:
+                try:
+                    async with client.ws_connect(server.make_url("/amps/json")):
+                        return 101
+                except aiohttp.WSServerHandshakeError as exc:
+                    return exc.status
+
+        assert _run(scenario) == 502
+
+    def test_broker_close_closes_the_page_socket(self) -> None:
+        """When the broker goes away the page's socket is closed, not left hanging."""
+
+        async def scenario() -> aiohttp.WSMsgType:
+            async with (
+                _echo_broker() as url,
+                _marker(_config(amps_websocket_upstream=url)) as (server, _),
+                aiohttp.ClientSession() as client,
+            ):
+                ws = await client.ws_connect(server.make_url("/amps/json"))
+                await ws.send_str("x")
+                await ws.receive(timeout=5)
+            # The echo broker has shut down here.
+            message = await ws.receive(timeout=10)
+            await ws.close()
+            return message.type
+
+        assert _run(scenario) in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+class TestHealthz:
+    def test_ok(self) -> None:
+        """/healthz answers ok."""
+        _, _, body = _run(lambda: _get(_config(), "/healthz"))
+        assert json.loads(body)["status"] == "ok"
+
+
+@contextmanager
+def _marker_process(tmp_path: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    config = tmp_path / "ampsflow.yaml"
+    config.write_text(f"marker:\n  listen: 127.0.0.1:{port}\n", encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ampsflow", "marker", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def _wait_healthy(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "ampsflow marker exited during startup"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("ampsflow marker did not become healthy")
+
+
+@pytest.mark.slow
+class TestProcess:
+    def test_sigterm_exits_zero(self, tmp_path: Path) -> None:
+        """SIGTERM shuts the server down gracefully with exit status 0."""
+        port = _free_port()
+        with _marker_process(tmp_path, port) as process:
+            _wait_healthy(port, process)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+
+    def test_port_in_use_is_one_line_error(self, tmp_path: Path) -> None:
+        """A busy port gives a one-line error and exit status 1."""
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            with _marker_process(tmp_path, port) as process:
+                status = process.wait(timeout=20)
+                assert process.stderr is not None
+                last = process.stderr.read().decode().strip().splitlines()[-1]
+        assert (
+            status,
+            last.startswith(f"ampsflow marker: cannot listen on 127.0.0.1:{port}"),
+        ) == (1, True)
