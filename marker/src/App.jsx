@@ -49,7 +49,7 @@ function ConnectionBadge({ state, url }) {
       <span className="connection-label">{label}</span>
       {state.status === State.DISCONNECTED && state.reason ? (
         <span className="connection-reason" id="connection-reason">
-          {state.reason}
+          · {state.reason}
         </span>
       ) : null}
     </div>

@@ -112,7 +112,9 @@ export class AmpsConnection {
       await client.connect(this.url);
     } catch (error) {
       if (generation === this.generation) {
-        this._lost(`cannot connect: ${reasonOf(error)}`);
+        // Browsers hide why a WebSocket failed (HTTP status, refused port).
+        const detail = reasonOf(error);
+        this._lost(detail === "connection closed" ? "cannot reach the broker" : `cannot connect: ${detail}`);
       }
       return;
     }
