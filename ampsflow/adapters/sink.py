@@ -20,7 +20,8 @@ on:
   :class:`~ampsflow.core.records.DedupeIndex`; see there why replays cannot
   reach further back than that.
 * :meth:`JsonlSink.reopen` (SIGHUP) closes the file and opens the path again,
-  so the file can be moved away and a new one starts. The index is kept.
+  so the file can be moved away (logrotate: rename, ``create``, HUP) and a new
+  one starts. The directory is fsync'd at every open. The index is kept.
 * An exclusive ``flock`` stops a second persister from appending to the same
   file.
 """
@@ -281,8 +282,10 @@ class JsonlSink:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise SinkError(f"{path} is in use by another process (flock)") from None
-            if created:
-                _fsync_directory(path.parent)
+            # Always, not only when created here: after a rotation (logrotate
+            # renames, then `create`s the new file) this makes both the rename
+            # and the new entry durable before lines go into the new file.
+            _fsync_directory(path.parent)
             info = os.fstat(fd)
             size = self._repair_tail(fd, info.st_size)
             self._load_index(fd, size)
