@@ -1,0 +1,294 @@
+"""``ampsflow processor``: ``input_topic`` -> add ``"processed": true`` -> ``output_topic``.
+
+Per message (:meth:`Processor.handle`):
+
+1. The body is parsed (:func:`ampsflow.core.transform.parse_body`).
+2. The parent context comes from the CorrelationId header, else the payload's
+   ``CorrelationId`` field; a missing or invalid one starts a new trace and
+   the reason is recorded as ``ampsflow.correlation_id.problem``.
+3. A CONSUMER span ``process-message`` (child of that context, and linked to
+   it) carries the messaging attributes, with ``messaging.message.id`` and
+   ``ampsflow.amps.bookmark`` set to the AMPS bookmark.
+4. The output is the input object plus ``"processed": true`` and, per
+   ``carrier``, a new CorrelationId in the header and/or the payload. That
+   CorrelationId encodes the **process-message** span, so the persister's
+   ``persist-message`` is its child, as the design's span table requires. The
+   publish itself is a child PRODUCER span ``send-message``.
+5. The input is discarded from the bookmark store only once the output is in
+   the durable publish store, so a restart resumes after the last message
+   finished and never skips one.
+
+Bad input (not UTF-8, not JSON, not an object, too large) marks the span ERROR
+with ``error.type`` and an exception event, counts it
+(``ampsflow.messages.rejected``), logs it, and publishes a JSON envelope to
+``dead_letter_topic`` (see :func:`ampsflow.core.transform.dead_letter_body`),
+whose CorrelationId (header and envelope) is that of the failed span; then the
+input is discarded and the daemon carries on. If a publish cannot even be
+stored, it is retried with backoff and the input is not discarded, so nothing
+is lost; the loop carries on once the store accepts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.trace import Link, SpanKind, get_current_span
+
+from ampsflow.adapters.amps import AmpsClient, AmpsError, MessageSink, MessageSource, Received
+from ampsflow.adapters.telemetry import (
+    PROBLEM_ATTRIBUTE,
+    Telemetry,
+    correlation_id_of,
+    extract_context,
+    messaging_attributes,
+    metric_attributes,
+    record_failure,
+)
+from ampsflow.config import Config, ProcessorConfig
+from ampsflow.core import transform
+from ampsflow.errors import BadMessageError
+from ampsflow.service import Daemon, run_daemon
+
+logger = logging.getLogger(__name__)
+
+PROCESS_SPAN = "process-message"
+"""Name of the CONSUMER span around each message."""
+
+SEND_SPAN = "send-message"
+"""Name of the PRODUCER span around each publish (output or dead letter)."""
+
+_POLL_S = 0.2
+_RETRY_MAX_S = 5.0
+_MAX_PREVIEW = 200
+
+
+class Processor:
+    """The per-message logic, given a message source, a sink and telemetry.
+
+    Args:
+        config: The ``processor`` section.
+        telemetry: Tracer and instruments.
+        source: Where messages come from (and are discarded once finished).
+        sink: Where outputs and dead letters are published.
+        stop: Ends publish retries (the message stays unfinished).
+    """
+
+    def __init__(
+        self,
+        config: ProcessorConfig,
+        telemetry: Telemetry,
+        source: MessageSource,
+        sink: MessageSink,
+        stop: threading.Event,
+    ) -> None:
+        self._config = config
+        self._tracer = telemetry.tracer
+        self._instruments = telemetry.instruments
+        self._source = source
+        self._sink = sink
+        self._stop = stop
+        self.processed = 0
+        self.rejected = 0
+
+    def run(self, daemon: Daemon) -> None:
+        """Handle messages one at a time until the stop event is set."""
+        while not daemon.stop.is_set():
+            daemon.watchdog()
+            message = self._source.receive(_POLL_S)
+            if message is not None:
+                self.handle(message)
+
+    def handle(self, message: Received) -> bool:
+        """Process one message; returns whether it was finished (and discarded)."""
+        started = time.perf_counter()
+        parsed: dict[str, Any] | BadMessageError
+        try:
+            parsed = transform.parse_body(message.body, max_bytes=self._config.max_message_bytes)
+        except BadMessageError as exc:
+            parsed = exc
+        if isinstance(parsed, BadMessageError):
+            error: BadMessageError | None = parsed
+            payload_cid = None
+        else:
+            error = None
+            payload_cid = transform.payload_correlation_id(parsed)
+        parent, problem = extract_context(message.correlation_id, payload_cid)
+        parent_span_context = get_current_span(parent).get_span_context()
+        links = [Link(parent_span_context)] if parent_span_context.is_valid else []
+        attributes = messaging_attributes(
+            destination=message.topic or self._config.input_topic,
+            operation_type="process",
+            operation_name="process",
+            message_id=message.bookmark,
+            body_size=len(message.body),
+            bookmark=message.bookmark,
+        )
+        metric_attrs = metric_attributes(self._config.input_topic, "process")
+        self._instruments.consumed.add(1, metric_attrs)
+        finished = False
+        with self._tracer.start_as_current_span(
+            PROCESS_SPAN,
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            if problem is not None:
+                span.set_attribute(PROBLEM_ATTRIBUTE, problem)
+                self._instruments.correlation_problems.add(1, {"problem": problem})
+                (logger.debug if problem == "missing" else logger.warning)(
+                    "message %s: CorrelationId unusable (%s); starting a new trace",
+                    message.bookmark,
+                    problem,
+                )
+            cid = correlation_id_of(span)
+            if isinstance(parsed, BadMessageError):
+                record_failure(span, parsed, parsed.error_type)
+                finished = self._reject(message, parsed, cid)
+            else:
+                out = transform.mark_processed(
+                    parsed, correlation_id=cid, carrier=self._config.carrier
+                )
+                header = cid if self._config.carrier in ("header", "both") else None
+                finished = self._publish(
+                    self._config.output_topic, transform.serialise(out), header
+                )
+                if finished:
+                    self.processed += 1
+            if finished:
+                self._source.discard(message)
+        elapsed = time.perf_counter() - started
+        duration_attrs = (
+            metric_attrs
+            if error is None
+            else metric_attributes(self._config.input_topic, "process", error.error_type)
+        )
+        self._instruments.process_duration.record(elapsed, duration_attrs)
+        return finished
+
+    def _reject(self, message: Received, error: BadMessageError, cid: str) -> bool:
+        self.rejected += 1
+        self._instruments.rejected.add(1, {"error.type": error.error_type})
+        preview = message.body[:_MAX_PREVIEW].decode("utf-8", "backslashreplace")
+        topic = self._config.dead_letter_topic
+        logger.warning(
+            "message %s rejected (%s: %s)%s; body starts %r",
+            message.bookmark,
+            error.error_type,
+            error.detail,
+            f", sent to {topic}" if topic else ", no dead_letter_topic: dropped",
+            preview,
+        )
+        if topic is None:
+            return True
+        envelope = transform.dead_letter_body(
+            message.body,
+            error,
+            topic=message.topic,
+            bookmark=message.bookmark,
+            correlation_id=cid,
+        )
+        if not self._publish(topic, envelope, cid):
+            return False
+        self._instruments.dead_lettered.add(1, {"error.type": error.error_type})
+        return True
+
+    def _publish(self, topic: str, body: bytes, correlation_id: str | None) -> bool:
+        """Publish into the durable store, retrying until stored or stopped."""
+        delay = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            with self._tracer.start_as_current_span(
+                SEND_SPAN,
+                kind=SpanKind.PRODUCER,
+                attributes=messaging_attributes(
+                    destination=topic,
+                    operation_type="send",
+                    operation_name="send",
+                    body_size=len(body),
+                ),
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                self._instruments.sent.add(1, metric_attributes(topic, "send"))
+                failure: AmpsError | None = None
+                try:
+                    sequence = self._sink.publish(topic, body, correlation_id)
+                except AmpsError as exc:
+                    failure = exc
+                    record_failure(span, exc, "publish_failed")
+                if failure is None:
+                    if sequence:
+                        span.set_attribute("ampsflow.amps.sequence", sequence)
+                    self._instruments.operation_duration.record(
+                        time.perf_counter() - started, metric_attributes(topic, "send")
+                    )
+                    return True
+                self._instruments.operation_duration.record(
+                    time.perf_counter() - started,
+                    metric_attributes(topic, "send", "publish_failed"),
+                )
+            logger.error(
+                "cannot store a publish to %s (attempt %d): %s; retrying in %.1fs",
+                topic,
+                attempt,
+                failure,
+                delay,
+            )
+            if self._stop.wait(delay):
+                logger.warning(
+                    "stopping with a publish to %s not stored; it is redone at restart", topic
+                )
+                return False
+            delay = min(delay * 2, _RETRY_MAX_S)
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    """Run the processor daemon until SIGTERM/SIGINT; returns the exit status."""
+    section = config.processor
+
+    def work(daemon: Daemon, telemetry: Telemetry) -> None:
+        client = AmpsClient(
+            config.amps,
+            service="processor",
+            state_dir=Path(section.state_dir),
+            stop=daemon.stop,
+            on_status=daemon.status,
+            publish_store=True,
+        )
+        client.add_reconnect_listener(lambda: telemetry.instruments.reconnects.add(1))
+        try:
+            client.connect()
+            client.subscribe(section.input_topic)
+            daemon.ready(
+                f"processing {section.input_topic} -> {section.output_topic} as {client.name}"
+            )
+            processor = Processor(section, telemetry, client, client, daemon.stop)
+            processor.run(daemon)
+            logger.info(
+                "draining: %d processed, %d rejected; %d publish(es) awaiting the broker",
+                processor.processed,
+                processor.rejected,
+                client.unpersisted(),
+            )
+            if not daemon.force.is_set() and not client.flush(config.amps.command_timeout_s):
+                logger.warning(
+                    "%d publish(es) not yet acknowledged; they stay in the publish store "
+                    "and are re-sent at the next start",
+                    client.unpersisted(),
+                )
+        finally:
+            client.close()
+
+    return run_daemon(
+        config, args, service="processor", service_name=section.service_name, work=work
+    )
