@@ -1,0 +1,103 @@
+// Drives the official AMPS JavaScript client (npm `amps`) against the ampsflow devbroker.
+// Usage: node client.js SCENARIO WS_URI [ARGS...]; prints one JSON line with what it saw
+// and exits 0, or prints {"error": ...} and exits 1. Driven by
+// tests/integration/devbroker/test_js_client.py.
+'use strict';
+
+const { Client, Command } = require('amps');
+
+const TIMEOUT_MS = 15000;
+
+function waitFor(predicate, what) {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const poll = () => {
+      if (predicate()) return resolve();
+      if (Date.now() - started > TIMEOUT_MS) return reject(new Error(`timed out waiting for ${what}`));
+      setTimeout(poll, 10);
+    };
+    poll();
+  });
+}
+
+function describe(message) {
+  return {
+    data: message.data,
+    correlationId: message.header.correlationId() || null,
+    bookmark: message.header.bookmark() || null,
+    subIds: message.header.subIds() || null,
+    topic: message.header.topic() || null,
+  };
+}
+
+function reason(err) {
+  if (err instanceof Error) return err.message;
+  if (err && typeof err === 'object' && err.reason) return err.reason;
+  return String(err);
+}
+
+// Subscribe to IN_TOPIC (with a filter), publish BODY to OUT_TOPIC with correlation id
+// CORR, then wait for the first message on IN_TOPIC.
+async function roundtrip(uri, inTopic, filter, outTopic, corr, body) {
+  const client = new Client('js-roundtrip');
+  await client.connect(uri);
+  const received = [];
+  await client.subscribe((m) => received.push(describe(m)), inTopic, filter);
+  client.publish(outTopic, JSON.parse(body), { correlationId: corr });
+  await waitFor(() => received.length > 0, `a message on ${inTopic}`);
+  await client.disconnect();
+  return { received };
+}
+
+// Publish COUNT messages {"n": i} to TOPIC and wait for the broker to persist them.
+async function publish(uri, topic, count) {
+  const client = new Client('js-publisher').heartbeat(1);
+  await client.connect(uri);
+  for (let i = 1; i <= Number(count); i += 1) client.publish(topic, { n: i });
+  await client.flush('persisted');
+  await client.disconnect();
+  return { published: Number(count) };
+}
+
+// Replay TOPIC from BOOKMARK until COUNT messages arrived.
+async function replay(uri, topic, bookmark, count) {
+  const client = new Client('js-replay');
+  await client.connect(uri);
+  const received = [];
+  await client.subscribe((m) => received.push(describe(m)), topic, undefined, { bookmark });
+  await waitFor(() => received.length >= Number(count), `${count} replayed messages`);
+  await client.disconnect();
+  return { received };
+}
+
+// Subscribe with FILTER and report how the broker refused it.
+async function refuse(uri, topic, filter) {
+  const client = new Client('js-refused');
+  await client.connect(uri);
+  try {
+    await client.execute(new Command('subscribe').topic(topic).filter(filter), () => {});
+    return { refused: null };
+  } catch (err) {
+    return { refused: reason(err) };
+  } finally {
+    await client.disconnect();
+  }
+}
+
+const scenarios = { roundtrip, publish, replay, refuse };
+
+async function main() {
+  const [scenario, ...args] = process.argv.slice(2);
+  const run = scenarios[scenario];
+  if (!run) throw new Error(`unknown scenario ${scenario}`);
+  const result = await run(...args);
+  process.stdout.write(`${JSON.stringify(result)}\n`);
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => {
+    process.stdout.write(`${JSON.stringify({ error: reason(err) })}\n`);
+    process.exit(1);
+  },
+);
