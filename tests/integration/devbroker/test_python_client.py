@@ -12,7 +12,7 @@ import pytest
 
 from ampsflow.devbroker.auth import Users, hash_password
 from ampsflow.devbroker.bookmarks import publisher_id
-from tests.integration.devbroker.conftest import BrokerProcess, RunningBroker, wait_until
+from tests.integration.devbroker.conftest import BrokerProcess, wait_until
 
 
 @dataclass
@@ -61,7 +61,7 @@ class TestLogon:
     def test_logon_reports_server_version(self, shared_broker, connect):
         """The logon ack's version is what the client reports as the server version."""
         client = connect(shared_broker.tcp_uri)
-        assert 5030400 == client.get_server_version()
+        assert client.get_server_version() == 5030400
 
     def test_logon_reports_name_hash(self, shared_broker, connect):
         """The bookmark in the logon ack gives the client its publisher id as name hash."""
@@ -77,7 +77,7 @@ class TestPublishSubscribe:
         connect(shared_broker.tcp_uri).subscribe(received, t)
         publisher = connect(shared_broker.tcp_uri)
         publisher.publish(t, '{"id":1,"text":"héllo"}')
-        assert ['{"id":1,"text":"héllo"}'] == received.wait_for(1)
+        assert received.wait_for(1) == ['{"id":1,"text":"héllo"}']
 
     def test_other_topics_are_not_delivered(self, shared_broker, connect):
         """A subscriber only receives its own topic."""
@@ -87,7 +87,7 @@ class TestPublishSubscribe:
         publisher = connect(shared_broker.tcp_uri)
         publisher.publish(t + "x", '{"id":1}')
         publisher.publish(t, '{"id":2}')
-        assert ['{"id":2}'] == received.wait_for(1)
+        assert received.wait_for(1) == ['{"id":2}']
 
     def test_regex_topic_subscription(self, shared_broker, connect):
         """A topic with regex characters matches published topic names as a regex."""
@@ -97,7 +97,7 @@ class TestPublishSubscribe:
         publisher = connect(shared_broker.tcp_uri)
         for suffix in ("a", "c", "b"):
             publisher.publish(f"{t}.{suffix}", f'{{"s":"{suffix}"}}')
-        assert ['{"s":"a"}', '{"s":"b"}'] == received.wait_for(2)
+        assert received.wait_for(2) == ['{"s":"a"}', '{"s":"b"}']
 
     def test_correlation_id_is_delivered(self, shared_broker, connect):
         """The publisher's correlation id (x) arrives with the message."""
@@ -108,7 +108,7 @@ class TestPublishSubscribe:
         command = AMPS.Command("publish").set_topic(t).set_data("{}")
         publisher.execute_async(command.set_correlation_id("Y29ycjE="), None)
         received.wait_for(1)
-        assert ["Y29ycjE="] == received.correlation_ids
+        assert received.correlation_ids == ["Y29ycjE="]
 
     def test_unsubscribe_stops_delivery(self, shared_broker, connect):
         """After unsubscribe, a subscription receives nothing more."""
@@ -120,7 +120,7 @@ class TestPublishSubscribe:
         subscriber.subscribe(control, t)
         connect(shared_broker.tcp_uri).publish(t, "{}")
         control.wait_for(1)
-        assert [] == stopped.bodies
+        assert stopped.bodies == []
 
     def test_flush_returns_after_delivery(self, shared_broker, connect):
         """publish_flush returns once the broker has processed the publishes."""
@@ -131,7 +131,7 @@ class TestPublishSubscribe:
         for i in range(100):
             publisher.publish(t, f'{{"i":{i}}}')
         publisher.publish_flush(10_000)
-        assert 100 == len(received.wait_for(100))
+        assert len(received.wait_for(100)) == 100
 
 
 FILTER_DATA = [
@@ -228,7 +228,7 @@ class TestAuthentication:
         """A user from the users file logs on with the right password."""
         broker = start_broker(users=users)
         uri = broker.tcp_uri.replace("tcp://", "tcp://alice:s3cret@")
-        assert 5030400 == connect(uri).get_server_version()
+        assert connect(uri).get_server_version() == 5030400
 
     def test_wrong_password_is_refused(self, start_broker, users):
         """A wrong password raises AuthenticationException."""
@@ -240,7 +240,7 @@ class TestAuthentication:
                 client.logon(5000)
         finally:
             client.close()
-        assert 1 == broker.counter("auth_failures")
+        assert broker.counter("auth_failures") == 1
 
 
 class TestBookmarkReplay:
@@ -255,7 +255,7 @@ class TestBookmarkReplay:
         connect(shared_broker.tcp_uri).bookmark_subscribe(received, t, "0")
         received.wait_for(2)
         publisher.publish(t, '{"n":3}')
-        assert ['{"n":1}', '{"n":2}', '{"n":3}'] == received.wait_for(3)
+        assert received.wait_for(3) == ['{"n":1}', '{"n":2}', '{"n":3}']
 
     def test_replay_after_bookmark(self, shared_broker, connect):
         """A subscription from a bookmark resumes after that message."""
@@ -269,7 +269,7 @@ class TestBookmarkReplay:
         first.wait_for(4)
         second = Received()
         connect(shared_broker.tcp_uri).bookmark_subscribe(second, t, first.bookmarks[1])
-        assert ['{"n":3}', '{"n":4}'] == second.wait_for(2)
+        assert second.wait_for(2) == ['{"n":3}', '{"n":4}']
 
     def test_replay_filtered(self, shared_broker, connect):
         """Replay applies the subscription's filter."""
@@ -280,12 +280,12 @@ class TestBookmarkReplay:
         publisher.publish_flush(10_000)
         received = Received()
         connect(shared_broker.tcp_uri).bookmark_subscribe(received, t, "0", "/n > 4")
-        assert ['{"n":5}', '{"n":6}'] == received.wait_for(2)
+        assert received.wait_for(2) == ['{"n":5}', '{"n":6}']
 
 
 class TestRestart:
     def test_replay_after_kill9(self, broker_process: BrokerProcess, connect):
-        """Messages acknowledged before a kill -9 replay after the restart, from 0 and a bookmark."""
+        """Messages acked before a kill -9 replay after the restart, from 0 and a bookmark."""
         publisher = connect(broker_process.tcp_uri)
         for n in range(1, 6):
             publisher.publish("orders", f'{{"n":{n}}}')
@@ -305,7 +305,7 @@ class TestRestart:
     def test_sigterm_exits_cleanly(self, broker_process: BrokerProcess, connect):
         """SIGTERM stops the broker with exit status 0."""
         connect(broker_process.tcp_uri).publish("orders", "{}")
-        assert 0 == broker_process.terminate()
+        assert broker_process.terminate() == 0
 
     def test_publish_store_replay_without_duplicates(self, broker_process: BrokerProcess, connect):
         """Publishes the broker never read are re-sent after a restart and logged once."""
