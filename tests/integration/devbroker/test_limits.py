@@ -1,0 +1,220 @@
+"""Bad input and load: each affects only the offending connection, with a counter.
+
+A raw socket plays the misbehaving peer (a silent client, a garbage sender, a reader that
+stops reading); whether the broker keeps serving everyone else is checked with the official
+Python client.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import uuid
+from collections.abc import Iterator
+
+import AMPS
+import pytest
+
+from tests.integration.devbroker.conftest import DEADLINE_S, RunningBroker, wait_until
+
+
+class RawClient:
+    """A bare TCP peer speaking length-prefixed frames."""
+
+    def __init__(self, port: int, *, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(DEADLINE_S)
+        self.buffer = b""
+
+    def send_raw(self, payload: bytes) -> None:
+        self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+
+    def send(self, header: dict[str, object], body: bytes = b"") -> None:
+        self.send_raw(json.dumps(header, separators=(",", ":")).encode() + body)
+
+    def recv_frame(self) -> bytes | None:
+        """The next frame's payload, or None at EOF."""
+        while True:
+            if len(self.buffer) >= 4:
+                (length,) = struct.unpack(">I", self.buffer[:4])
+                if len(self.buffer) >= 4 + length:
+                    payload = self.buffer[4 : 4 + length]
+                    self.buffer = self.buffer[4 + length :]
+                    return payload
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+    def recv_header(self) -> dict[str, object]:
+        payload = self.recv_frame()
+        assert payload is not None, "connection closed"
+        header, _end = json.JSONDecoder().raw_decode(payload.decode())
+        assert isinstance(header, dict)
+        return header
+
+    def logon(self, name: str) -> dict[str, object]:
+        self.send({"c": "logon", "cid": "L", "client_name": name, "a": "processed"})
+        return self.recv_header()
+
+    def wait_closed(self) -> None:
+        """Read until the broker closes the connection."""
+        while self.recv_frame() is not None:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_clients() -> Iterator[list[RawClient]]:
+    clients: list[RawClient] = []
+    yield clients
+    for client in clients:
+        client.close()
+
+
+def official_roundtrip(broker: RunningBroker) -> str:
+    """Publish and receive one message with the official client; return the body."""
+    topic = f"ok{uuid.uuid4().hex[:8]}"
+    got: list[str] = []
+    client = AMPS.Client(f"ok{uuid.uuid4().hex[:8]}")
+    client.connect(broker.tcp_uri)
+    try:
+        client.logon()
+        client.subscribe(lambda m: got.append(m.get_data()), topic)
+        client.publish(topic, '{"still":"serving"}')
+        wait_until(lambda: bool(got), "the official client's message")
+    finally:
+        client.close()
+    return got[0]
+
+
+class TestHeartbeat:
+    def test_silent_client_is_disconnected(self, start_broker, raw_clients):
+        """A client that asked for 1 s heartbeats and then says nothing is disconnected."""
+        broker = start_broker()
+        raw = RawClient(broker.broker.tcp_port)
+        raw_clients.append(raw)
+        raw.logon("silent")
+        raw.send({"c": "heartbeat", "o": "start,1"})
+        raw.wait_closed()
+        assert broker.counter("heartbeat_timeouts") == 1
+
+    def test_heartbeating_official_client_stays_connected(self, start_broker):
+        """The official client with heartbeats survives several heartbeat timeouts' worth."""
+        broker = start_broker()
+        client = AMPS.Client("beating")
+        client.set_heartbeat(1)
+        client.connect(broker.tcp_uri)
+        client.logon()
+        try:
+            wait_until(lambda: broker.counter("frames_in") >= 6, "six frames of heartbeats")
+            client.publish("hb", "{}")
+            client.publish_flush(5000)
+        finally:
+            client.close()
+        assert broker.counter("heartbeat_timeouts") == 0
+
+
+class TestBadInput:
+    def test_malformed_header_is_nacked(self, start_broker, raw_clients):
+        """A header that is not JSON gets a failure ack and the connection stays usable."""
+        broker = start_broker()
+        raw = RawClient(broker.broker.tcp_port)
+        raw_clients.append(raw)
+        raw.logon("garbage")
+        raw.send_raw(b'{"c":"subscribe","cid":"bad1","t":orders}')
+        nack = raw.recv_header()
+        raw.send({"c": "flush", "cid": "f1", "a": "processed"})
+        flushed = raw.recv_header()
+        assert (
+            (nack["cid"], nack["status"]),
+            (flushed["cid"], flushed["status"]),
+        ) == (("bad1", "failure"), ("f1", "success"))
+        assert broker.counter("malformed_frames") == 1
+
+    def test_oversized_frame_closes_only_that_client(self, start_broker, raw_clients):
+        """A frame above max_frame_bytes closes that connection; others keep working."""
+        broker = start_broker(max_frame_bytes=1024)
+        raw = RawClient(broker.broker.tcp_port)
+        raw_clients.append(raw)
+        raw.logon("big")
+        raw.send({"c": "p", "t": "orders"}, b"x" * 2048)
+        raw.wait_closed()
+        assert (
+            official_roundtrip(broker),
+            broker.counter("oversized_frames"),
+        ) == ('{"still":"serving"}', 1)
+
+    def test_command_before_logon_is_refused(self, start_broker, raw_clients):
+        """A subscribe before logon is nacked with 'logon required' and the connection closed."""
+        broker = start_broker()
+        raw = RawClient(broker.broker.tcp_port)
+        raw_clients.append(raw)
+        raw.send({"c": "subscribe", "cid": "s1", "t": "orders", "a": "processed"})
+        nack = raw.recv_header()
+        raw.wait_closed()
+        assert (nack["status"], nack["reason"]) == ("failure", "logon required")
+
+    def test_logon_ack_has_s_before_last_key(self, start_broker, raw_clients):
+        """The logon ack carries an unquoted s that is not the last key (the JS client's rule)."""
+        broker = start_broker()
+        raw = RawClient(broker.broker.tcp_port)
+        raw_clients.append(raw)
+        raw.send({"c": "logon", "cid": "L", "client_name": "n", "a": "processed"})
+        payload = raw.recv_frame()
+        assert payload is not None
+        assert b'"s":0,' in payload
+
+
+class TestSlowConsumer:
+    def test_reader_that_stops_reading_is_disconnected(self, start_broker, raw_clients):
+        """A subscriber that stops reading is cut off at max_outbound_bytes; others go on."""
+        broker = start_broker(max_outbound_bytes=256 * 1024)
+        stalled = RawClient(broker.broker.tcp_port, rcvbuf=4096)
+        raw_clients.append(stalled)
+        stalled.logon("stalled")
+        stalled.send({"c": "subscribe", "cid": "s", "t": "flood", "a": "processed"})
+        stalled.recv_header()
+        publisher = RawClient(broker.broker.tcp_port)
+        raw_clients.append(publisher)
+        publisher.logon("flooder")
+        body = b'{"pad":"' + b"x" * 4000 + b'"}'
+        for _batch in range(200):
+            for _ in range(50):
+                publisher.send({"c": "p", "t": "flood"}, body)
+            publisher.send({"c": "flush", "cid": "f", "a": "processed"})
+            publisher.recv_header()
+            if broker.counter("slow_consumers"):
+                break
+        assert (
+            broker.counter("slow_consumers"),
+            official_roundtrip(broker),
+        ) == (1, '{"still":"serving"}')
+
+
+class TestPublishStoreDedupe:
+    def test_replayed_sequence_is_acked_not_logged_again(self, start_broker, raw_clients):
+        """A publish whose s was already logged is acknowledged but neither logged nor sent."""
+        broker = start_broker()
+        raw = RawClient(broker.broker.tcp_port)
+        raw_clients.append(raw)
+        raw.logon("store")
+        for _ in range(2):
+            raw.send({"c": "p", "t": "dedupe", "a": "persisted", "s": 42}, b'{"n":1}')
+            ack = raw.recv_header()
+            assert (ack["a"], ack["s"], ack["status"]) == ("persisted", 42, "success")
+        relogon = RawClient(broker.broker.tcp_port)
+        raw_clients.append(relogon)
+        logon_ack = relogon.logon("store")
+        assert (
+            broker.counter("published"),
+            broker.counter("duplicates"),
+            logon_ack["s"],
+            str(logon_ack["bm"]).split("|")[1],
+        ) == (1, 1, 42, "42")
