@@ -493,8 +493,13 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     return parsed
 
 
-def _otlp_url(config: TelemetryConfig, env: Mapping[str, str], signal: str) -> str | None:
-    """The endpoint to pass to an OTLP exporter, or ``None`` to let the SDK read the env."""
+def otlp_endpoint(config: TelemetryConfig, env: Mapping[str, str], signal: str) -> str | None:
+    """The URL an OTLP exporter of ``signal`` (``traces``/``metrics``) is given.
+
+    ``None`` when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or the per-signal variable is
+    set: the SDK then reads it (appending ``/v1/<signal>`` to the generic one).
+    Otherwise ``endpoint + /v1/<signal>`` for http/protobuf, ``endpoint`` for grpc.
+    """
     if env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     ):
@@ -519,7 +524,7 @@ def _span_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExpor
         return None
     if kind == "console":
         return ConsoleSpanExporter()
-    url = _otlp_url(config, env, "traces")
+    url = otlp_endpoint(config, env, "traces")
     timeout_s = config.export_timeout_ms / 1000
     if _protocol(config, env, "traces") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
@@ -540,7 +545,7 @@ def _metric_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> MetricE
         return None
     if kind == "console":
         return ConsoleMetricExporter()
-    url = _otlp_url(config, env, "metrics")
+    url = otlp_endpoint(config, env, "metrics")
     timeout_s = config.export_timeout_ms / 1000
     if _protocol(config, env, "metrics") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # noqa: PLC0415

@@ -1,0 +1,224 @@
+"""The processor's per-message logic against in-process fakes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+from ampsflow.config import ProcessorConfig
+from ampsflow.core.codec import decode_correlation_id
+from ampsflow.services.processor import PROCESS_SPAN, SEND_SPAN, Processor
+from ampsflow.testing import FakeAmps, InMemoryTelemetry, in_memory_telemetry
+
+CID = "004bf92f3577b34da6a3ce929d0e0e473600f067aa0ba902b701"
+TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+SPAN = 0x00F067AA0BA902B7
+
+
+@pytest.fixture
+def memory() -> Iterator[InMemoryTelemetry]:
+    memory = in_memory_telemetry("processor")
+    yield memory
+    memory.telemetry.shutdown()
+
+
+@pytest.fixture
+def amps() -> FakeAmps:
+    return FakeAmps()
+
+
+def make(
+    memory: InMemoryTelemetry, amps: FakeAmps, stop: threading.Event | None = None, **config: object
+) -> Processor:
+    section = ProcessorConfig(**config)  # type: ignore[arg-type]
+    return Processor(section, memory.telemetry, amps, amps, stop or threading.Event())
+
+
+def handle(processor: Processor, amps: FakeAmps, body: bytes | str, **kwargs: object) -> bool:
+    amps.deliver(body, **kwargs)  # type: ignore[arg-type]
+    message = amps.receive(0)
+    assert message is not None
+    return processor.handle(message)
+
+
+class TestGoodMessage:
+    def test_output_is_marked_processed(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """The output on output_topic is the input plus processed and the new CorrelationId."""
+        handle(make(memory, amps), amps, '{"mark":1}', correlation_id=CID)
+        (out,) = amps.on_topic("external")
+        body = json.loads(out.body)
+        assert ({"mark": 1, "processed": True}, out.correlation_id) == (
+            {k: v for k, v in body.items() if k != "CorrelationId"},
+            body["CorrelationId"],
+        )
+
+    def test_process_span_is_child_of_header_context(
+        self, memory: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """process-message is a CONSUMER span whose parent is the header's span."""
+        handle(make(memory, amps), amps, '{"mark":1}', correlation_id=CID)
+        (span,) = memory.span_named(PROCESS_SPAN)
+        assert (
+            span.context.trace_id,
+            span.parent.span_id if span.parent else None,
+            span.kind,
+        ) == (TRACE, SPAN, SpanKind.CONSUMER)
+
+    def test_payload_context_is_the_fallback(
+        self, memory: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """Without a header the payload CorrelationId gives the parent."""
+        handle(make(memory, amps), amps, json.dumps({"CorrelationId": CID}))
+        (span,) = memory.span_named(PROCESS_SPAN)
+        assert (span.context.trace_id, span.parent.span_id if span.parent else 0) == (TRACE, SPAN)
+
+    def test_output_correlation_id_names_process_span(
+        self, memory: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """The output's CorrelationId carries the process-message span, the persister's parent."""
+        handle(make(memory, amps), amps, "{}", correlation_id=CID)
+        (span,) = memory.span_named(PROCESS_SPAN)
+        (out,) = amps.on_topic("external")
+        decoded = decode_correlation_id(out.correlation_id or "")
+        assert (span.context.trace_id, span.context.span_id) == (decoded.trace_id, decoded.span_id)
+
+    def test_send_span_is_producer_child(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """The publish is a PRODUCER child span send-message on the output topic."""
+        handle(make(memory, amps), amps, "{}", correlation_id=CID)
+        (process,) = memory.span_named(PROCESS_SPAN)
+        (send,) = memory.span_named(SEND_SPAN)
+        assert (process.context.span_id, SpanKind.PRODUCER, "external") == (
+            send.parent.span_id if send.parent else None,
+            send.kind,
+            send.attributes["messaging.destination.name"] if send.attributes else None,
+        )
+
+    def test_process_span_attributes(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """process-message carries the messaging attributes and the bookmark."""
+        handle(make(memory, amps), amps, '{"a":1}', correlation_id=CID)
+        (span,) = memory.span_named(PROCESS_SPAN)
+        expected = {
+            "messaging.system": "amps",
+            "messaging.destination.name": "internal",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.message.id": "1|1|",
+            "messaging.message.body.size": 7,
+            "ampsflow.amps.bookmark": "1|1|",
+        }
+        assert expected == dict(span.attributes or {})
+
+    def test_discarded_after_publish(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """The input is discarded once its output is published."""
+        assert handle(make(memory, amps), amps, "{}")
+        assert [m.bookmark for m in amps.discarded] == ["1|1|"]
+
+    def test_header_carrier(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """Carrier header puts the CorrelationId in the header only."""
+        handle(make(memory, amps, carrier="header"), amps, "{}", correlation_id=CID)
+        (out,) = amps.on_topic("external")
+        assert (json.loads(out.body), out.correlation_id is not None) == ({"processed": True}, True)
+
+    def test_payload_carrier(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """Carrier payload puts the CorrelationId in the payload only."""
+        handle(make(memory, amps, carrier="payload"), amps, "{}", correlation_id=CID)
+        (out,) = amps.on_topic("external")
+        assert (out.correlation_id, "CorrelationId" in json.loads(out.body)) == (None, True)
+
+    def test_consumed_counter(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """Each delivery counts once in messaging.client.consumed.messages."""
+        processor = make(memory, amps)
+        handle(processor, amps, "{}")
+        handle(processor, amps, "{}")
+        assert memory.counter_total("messaging.client.consumed.messages") == 2
+
+
+class TestCorrelationProblems:
+    def test_missing_starts_new_trace(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """No CorrelationId: a new root span with the problem recorded."""
+        handle(make(memory, amps), amps, "{}")
+        (span,) = memory.span_named(PROCESS_SPAN)
+        attributes = span.attributes or {}
+        assert (span.parent, attributes["ampsflow.correlation_id.problem"]) == (None, "missing")
+
+    def test_invalid_header_is_recorded(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """An invalid header starts a new trace; the output is still produced."""
+        handle(make(memory, amps), amps, "{}", correlation_id="not-a-trace")
+        (span,) = memory.span_named(PROCESS_SPAN)
+        attributes = span.attributes or {}
+        assert (
+            attributes["ampsflow.correlation_id.problem"],
+            len(amps.on_topic("external")),
+        ) == ("header:wrong_length", 1)
+
+
+class TestBadInput:
+    def test_error_span(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """Invalid JSON marks process-message ERROR with error.type and an exception event."""
+        handle(make(memory, amps), amps, b"{nope", correlation_id=CID)
+        (span,) = memory.span_named(PROCESS_SPAN)
+        attributes = span.attributes or {}
+        assert (
+            span.status.status_code,
+            attributes["error.type"],
+            [e.name for e in span.events],
+        ) == (StatusCode.ERROR, "invalid_json", ["exception"])
+
+    def test_dead_letter(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """The original body goes to the dead-letter topic with the reason."""
+        handle(make(memory, amps), amps, b"[1,2]", correlation_id=CID)
+        (letter,) = amps.on_topic("internal.dlq")
+        envelope = json.loads(letter.body)
+        assert ("not_an_object", "[1,2]", letter.correlation_id) == (
+            envelope["reason"],
+            envelope["body"],
+            envelope["CorrelationId"],
+        )
+
+    def test_bad_input_is_discarded_and_counted(
+        self, memory: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """A rejected message is discarded, counted, and produces no output."""
+        handle(make(memory, amps), amps, b"\xff")
+        assert (
+            len(amps.discarded),
+            memory.counter_total("ampsflow.messages.rejected"),
+            amps.on_topic("external"),
+        ) == (1, 1, [])
+
+    def test_no_dead_letter_topic(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """With dead_letter_topic null, a rejected message is logged, counted and discarded."""
+        handle(make(memory, amps, dead_letter_topic=None), amps, b"{")
+        assert (len(amps.discarded), len(amps.published)) == (1, 0)
+
+    def test_good_traffic_continues(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """Good messages after a bad one are processed."""
+        processor = make(memory, amps)
+        for body in ("{}", "{bad", '{"b":2}'):
+            handle(processor, amps, body)
+        assert (len(amps.on_topic("external")), len(amps.on_topic("internal.dlq"))) == (2, 1)
+
+
+class TestPublishFailure:
+    def test_retried_until_stored(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """A publish that cannot be stored is retried, then the input is discarded."""
+        amps.fail_publish.append("store full")
+        assert handle(make(memory, amps), amps, "{}")
+        sends = memory.span_named(SEND_SPAN)
+        assert (
+            [s.status.status_code for s in sends],
+            len(amps.on_topic("external")),
+            len(amps.discarded),
+        ) == ([StatusCode.ERROR, StatusCode.UNSET], 1, 1)
+
+    def test_not_discarded_when_stopping(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """Stopping while a publish fails leaves the input undiscarded (redelivered later)."""
+        stop = threading.Event()
+        stop.set()
+        amps.fail_publish.append("store full")
+        assert not handle(make(memory, amps, stop), amps, "{}")
+        assert amps.discarded == []
