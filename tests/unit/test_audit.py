@@ -97,7 +97,7 @@ class TestOrder:
     def test_duplicate_does_not_move_first_position(self) -> None:
         """A late duplicate is a duplicate, not an ordering problem."""
         report = reconcile(published("a", "b"), jsonl("a", "b", "a"))
-        expected = ([], {"a": 2})
+        expected: tuple[list[str], dict[str, int]] = ([], {"a": 2})
         assert expected == (report.out_of_order, report.duplicated)
 
 
@@ -107,7 +107,7 @@ class TestLines:
         lines = jsonl("a", "b")
         lines[-1] = lines[-1][:-5]
         report = reconcile(published("a"), lines)
-        expected = (True, [], False)
+        expected: tuple[bool, list[int], bool] = (True, [], False)
         assert expected == (report.torn_last_line, report.invalid_lines, report.is_clean)
 
     def test_torn_line_content_does_not_count(self) -> None:

@@ -108,7 +108,7 @@ class TestBuildRawLine:
     def test_text_is_kept_verbatim(self) -> None:
         """A body that is not JSON is kept as text with the reason."""
         record = parse_line(build_raw_line("{not json", "invalid_json", PROV))
-        expected = ({}, "{not json", "invalid_json")
+        expected: tuple[dict[str, object], str, str] = ({}, "{not json", "invalid_json")
         assert expected == (record.message, record.provenance["raw"], record.provenance["error"])
 
     def test_non_utf8_bytes_are_kept_as_base64(self) -> None:
