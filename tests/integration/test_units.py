@@ -174,6 +174,15 @@ class TestUnits:
             wanted = " ".join(found.get("Wants", []) + found.get("Requires", []))
             assert "ampsflow-devbroker" not in wanted
 
+    def test_amps_clients_wait_for_amps_without_a_start_timeout(self) -> None:
+        """Processor and persister stay activating (no timeout, no restart loop) until AMPS."""
+        found = [
+            _directives(unit)["TimeoutStartSec"]
+            for unit in ("ampsflow-processor.service", "ampsflow-persister.service")
+        ]
+        expected = [["infinity"], ["infinity"]]
+        assert expected == found
+
     def test_target_wants_the_pipeline_but_not_the_development_broker(self) -> None:
         """Starting ampsflow.target starts processor, persister and marker only."""
         wants = _directives("ampsflow.target")["Wants"][0].split()
