@@ -24,6 +24,7 @@ Client headers arrive with alias keys (``bookmark`` for ``bm``, ``cmd`` for ``c`
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import re
 import struct
@@ -88,6 +89,14 @@ COMMANDS: Mapping[str, str] = {
 }
 """Command spellings that share a handler (anything else keeps its own name)."""
 
+_decode = json.JSONDecoder().decode
+_SHORT_KEYS = frozenset(
+    (
+        *("c", "cid", "a", "t", "x", "s", "sub_id", "query_id", "filter", "o", "bm", "e", "k"),
+        *("client_name", "user_id", "pw", "mt", "version", "bs", "top_n", "orderby", "sow_keys"),
+    )
+)
+
 # A flat JSON object: strings (with escapes) and anything without quotes or braces.
 _HEADER_END = re.compile(rb'\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\}', re.DOTALL)
 
@@ -109,24 +118,32 @@ def parse_header(raw: bytes | str) -> Header:
     """Decode a client header and map alias keys to the short names.
 
     Values are kept as they come (strings or integers); booleans become ``"true"`` /
-    ``"false"`` and floats become their decimal text.
+    ``"false"``, floats their decimal text, and ``null`` values are dropped.
 
     Raises:
-        ProtocolError: not JSON, not an object, or a nested value.
+        ProtocolError: not UTF-8, not JSON, not an object, or a nested value.
     """
     try:
-        value = json.loads(raw)
+        value = _decode(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"header is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise ProtocolError("header is not a JSON object")
+    if _SHORT_KEYS.issuperset(value):
+        # Fast path (every publish): short keys and plain values need no rewriting.
+        for item in value.values():
+            kind = type(item)
+            if kind is not str and kind is not int:
+                break
+        else:
+            return value
     header: Header = {}
     for key, item in value.items():
         name = ALIASES.get(key, key)
-        if isinstance(item, str | int) and not isinstance(item, bool):
-            header[name] = item
-        elif isinstance(item, bool):
+        if isinstance(item, bool):
             header[name] = "true" if item else "false"
+        elif isinstance(item, str | int):
+            header[name] = item
         elif isinstance(item, float):
             header[name] = repr(item)
         elif item is None:
@@ -292,7 +309,7 @@ def delivery_tail(
 
     :func:`delivery_header` puts the per-connection ``sids`` in front of it.
     """
-    tail = f'"t":{json_string(topic)},"bm":"{bookmark}"'
+    tail = f'"t":{_topic_literal(topic)},"bm":"{bookmark}"'
     if correlation_id:
         tail += f',"x":{json_string(correlation_id)}'
     if timestamp:
@@ -300,13 +317,23 @@ def delivery_tail(
     return tail.encode("utf-8")
 
 
-def delivery_header(sids: str, tail: bytes, *, empty_body: bool = False) -> bytes:
+@functools.lru_cache(maxsize=4096)
+def _topic_literal(topic: str) -> str:
+    return json_string(topic)
+
+
+def sid_literal(sub_id: str) -> bytes:
+    """Return ``sub_id`` escaped for use inside the ``sids`` string (no quotes)."""
+    return json_string(sub_id)[1:-1].encode("utf-8")
+
+
+def delivery_header(sids: bytes, tail: bytes, *, empty_body: bool = False) -> bytes:
     """Return a ``p`` header for the subscriptions ``sids`` of one connection.
 
-    ``empty_body`` adds ``"l":0`` so the JavaScript client expects no body frame.
+    ``sids`` is a comma-separated list of :func:`sid_literal` values. ``empty_body`` adds
+    ``"l":0`` so the JavaScript client expects no body frame.
     """
-    head = b'{"c":"p","sids":' + json_string(sids).encode("utf-8") + b"," + tail
-    return head + (b',"l":0}' if empty_body else b"}")
+    return b'{"c":"p","sids":"%s",%s%s' % (sids, tail, b',"l":0}' if empty_body else b"}")
 
 
 def format_timestamp(timestamp_us: int) -> str:

@@ -72,9 +72,9 @@ def _parse_body(body: bytes) -> object:
         return None
 
 
-def _tail(entry: LogEntry, with_timestamp: bool) -> bytes:
+def _tail(entry: LogEntry, bookmark: str, with_timestamp: bool) -> bytes:
     timestamp = protocol.format_timestamp(entry.timestamp_us) if with_timestamp else None
-    return protocol.delivery_tail(entry.topic, entry.bookmark, entry.correlation_id, timestamp)
+    return protocol.delivery_tail(entry.topic, bookmark, entry.correlation_id, timestamp)
 
 
 class Broker:
@@ -384,12 +384,12 @@ class Broker:
                 sub.last_bookmark = bookmark
                 with_ts = with_ts or sub.with_timestamp
             if with_ts:
-                tail = _tail(entry, True)
+                tail = _tail(entry, bookmark, True)
             else:
                 if plain is None:
-                    plain = _tail(entry, False)
+                    plain = _tail(entry, bookmark, False)
                 tail = plain
-            sids = group[0].sub_id if len(group) == 1 else ",".join(s.sub_id for s in group)
+            sids = group[0].sid if len(group) == 1 else b",".join(s.sid for s in group)
             conn.deliver(sids, tail, entry.body)
         self.counters.delivered += len(targets)
 
@@ -409,8 +409,9 @@ class Broker:
                         _parse_body(entry.body)
                     ):
                         continue
-                    conn.deliver(sub.sub_id, _tail(entry, sub.with_timestamp), entry.body)
-                    sub.last_bookmark = entry.bookmark
+                    bookmark = entry.bookmark
+                    conn.deliver(sub.sid, _tail(entry, bookmark, sub.with_timestamp), entry.body)
+                    sub.last_bookmark = bookmark
                     self.counters.replayed += 1
                 if cursor.position > self.delivered_position:
                     sub.live = True
@@ -523,6 +524,7 @@ class Broker:
                     continue
                 while self.congested and not conn.closed:
                     await asyncio.sleep(0.01)
+                conn.last_received = time.monotonic()
                 conn.receive(header, body)
         finally:
             conn.closed = True
@@ -565,6 +567,7 @@ class TcpConnection(Connection, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Split the stream into frames and hand each to :meth:`receive`."""
+        self.last_received = time.monotonic()
         buf = self._inbound
         buf += data
         pos = 0

@@ -98,6 +98,10 @@ class Subscription:
     last_bookmark: str = ""
     acked_bookmark: str = ""
     command: Header = field(default_factory=dict)
+    sid: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.sid = protocol.sid_literal(self.sub_id)
 
 
 class Connection:
@@ -140,8 +144,9 @@ class Connection:
     async def finish(self) -> None:
         """Release transport resources once the connection has ended (default: nothing)."""
 
-    def deliver(self, sids: str, tail: bytes, body: bytes) -> None:
-        """Send a message to this connection's subscriptions ``sids``."""
+    def deliver(self, sids: bytes, tail: bytes, body: bytes) -> None:
+        """Send a message to this connection's subscriptions ``sids`` (escaped, see
+        :func:`~ampsflow.devbroker.protocol.sid_literal`)."""
         self.send(protocol.delivery_header(sids, tail, empty_body=not body), body)
 
     def __repr__(self) -> str:
@@ -150,8 +155,10 @@ class Connection:
     # ------------------------------------------------------------------ receiving
 
     def receive(self, header: Header, body: bytes) -> None:
-        """Handle one client command (frames after a pending logon wait for it)."""
-        self.last_received = time.monotonic()
+        """Handle one client command (frames after a pending logon wait for it).
+
+        The transport updates :attr:`last_received`.
+        """
         self.broker.counters.frames_in += 1
         if self._backlog is not None:
             self._backlog.append((header, body))
@@ -164,6 +171,10 @@ class Connection:
             self.nack(header, "invalid header")
 
     def _dispatch(self, header: Header, body: bytes) -> None:
+        c = header.get("c")
+        if c in {"p", "publish"} and self.logged_on:
+            self._publish(header, body)
+            return
         cmd = protocol.command_name(header)
         if cmd == "publish" and self.logged_on:
             self._publish(header, body)
