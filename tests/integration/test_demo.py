@@ -1,0 +1,157 @@
+"""``ampsflow demo`` as a user runs it: readiness banner, Ctrl-C, a dying child."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ampsflow.config import load_config
+from ampsflow.services.demo import demo_config, traces_url
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class TestTracesUrl:
+    def test_appends_the_traces_path(self) -> None:
+        """A collector base URL gets /v1/traces."""
+        assert traces_url("http://collector:4318/") == "http://collector:4318/v1/traces"
+
+    def test_keeps_a_full_traces_url(self) -> None:
+        """A URL that already ends in /v1/traces is kept."""
+        assert traces_url("http://collector:4318/v1/traces") == "http://collector:4318/v1/traces"
+
+
+class TestDemoConfig:
+    def test_is_a_valid_config(self, tmp_path: Path) -> None:
+        """The generated config passes the strict config loader."""
+        path = tmp_path / "ampsflow.yaml"
+        mapping = demo_config(
+            tmp_path, broker_tcp_port=1, broker_ws_port=2, marker_port=3, otlp_endpoint=None
+        )
+        path.write_text(yaml.safe_dump(mapping), encoding="utf-8")
+        assert load_config(path, required=True).marker.listen == "127.0.0.1:3"
+
+    def test_without_collector_exports_nothing(self, tmp_path: Path) -> None:
+        """Without --otlp-endpoint the daemons export nothing and the page is told so."""
+        mapping = demo_config(
+            tmp_path, broker_tcp_port=1, broker_ws_port=2, marker_port=3, otlp_endpoint=None
+        )
+        exporter, upstream = (
+            mapping["telemetry"]["exporter"],
+            mapping["marker"]["otlp_traces_upstream"],
+        )
+        assert (exporter, upstream) == ("none", None)
+
+    def test_collector_gets_every_service(self, tmp_path: Path) -> None:
+        """--otlp-endpoint feeds the daemons' exporter and the page's proxy."""
+        mapping = demo_config(
+            tmp_path,
+            broker_tcp_port=1,
+            broker_ws_port=2,
+            marker_port=3,
+            otlp_endpoint="http://127.0.0.1:4318",
+        )
+        assert (
+            mapping["telemetry"]["endpoint"],
+            mapping["marker"]["otlp_traces_upstream"],
+        ) == ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningDemo:
+    process: subprocess.Popen[str]
+    output: list[str]
+    port: int
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        while not any("Press Ctrl-C to stop." in line for line in self.output):
+            assert self.process.poll() is None, "demo exited:\n" + "".join(self.output)
+            assert time.monotonic() < deadline, "demo not ready:\n" + "".join(self.output)
+            time.sleep(0.1)
+
+    def child_pid(self, name: str) -> int:
+        """PID of the demo's child running ``ampsflow NAME``."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        for pid in children.read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if name.encode() in cmdline:
+                return int(pid)
+        raise AssertionError(f"no {name} child")
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[RunningDemo]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ampsflow", "demo", "--dir", str(tmp_path), "--port", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output: list[str] = []
+    assert process.stdout is not None
+    reader = threading.Thread(target=lambda: output.extend(process.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        yield RunningDemo(process, output, port)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(timeout=10)
+
+
+@pytest.mark.slow
+class TestDemoProcess:
+    def test_banner_names_page_and_jsonl(self, demo: RunningDemo, tmp_path: Path) -> None:
+        """Once ready, the demo prints the page URL and the JSONL path."""
+        demo.wait_ready()
+        text = "".join(demo.output)
+        assert (
+            f"http://127.0.0.1:{demo.port}/" in text,
+            str(tmp_path / "messages.jsonl") in text,
+        ) == (
+            True,
+            True,
+        )
+
+    def test_ctrl_c_stops_cleanly(self, demo: RunningDemo) -> None:
+        """SIGINT stops every service and the demo exits 0."""
+        demo.wait_ready()
+        marker = demo.child_pid("marker")
+        demo.process.send_signal(signal.SIGINT)
+        status = demo.process.wait(timeout=60)
+        assert (status, Path(f"/proc/{marker}").exists()) == (0, False)
+
+    def test_dead_child_is_named(self, demo: RunningDemo) -> None:
+        """When a service dies, the demo says which one and exits non-zero."""
+        demo.wait_ready()
+        os.kill(demo.child_pid("processor"), signal.SIGKILL)
+        status = demo.process.wait(timeout=60)
+        text = "".join(demo.output)
+        assert (status, "processor was killed by signal 9" in text) == (1, True)
