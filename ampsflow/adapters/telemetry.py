@@ -614,7 +614,9 @@ def record_failure(span: Span, exc: BaseException, error_type: str) -> None:
     """Mark ``span`` failed: status ERROR, ``error.type`` and an exception event."""
     span.set_attribute("error.type", error_type)
     span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{error_type}: {exc}"))
+    text = str(exc)
+    description = text if text.startswith(error_type) else f"{error_type}: {text}"
+    span.set_status(Status(StatusCode.ERROR, description))
 
 
 def messaging_attributes(
