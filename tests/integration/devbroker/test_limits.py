@@ -218,3 +218,28 @@ class TestPublishStoreDedupe:
             logon_ack["s"],
             str(logon_ack["bm"]).split("|")[1],
         ) == (1, 1, 42, "42")
+
+
+class TestSubscriptionPersistedAck:
+    def test_bookmark_subscription_gets_persisted_ack(self, start_broker, raw_clients):
+        """A bookmark subscription asking for persisted acks gets one naming sub_id and bm."""
+        broker = start_broker()
+        raw = RawClient(broker.broker.tcp_port)
+        raw_clients.append(raw)
+        raw.logon("bookmarked")
+        raw.send(
+            {"c": "subscribe", "cid": "c1", "sub_id": "s1", "t": "pa", "bm": "0",
+             "a": "processed,persisted"}
+        )  # fmt: skip
+        assert raw.recv_header()["status"] == "success"
+        raw.send({"c": "p", "t": "pa"}, b'{"n":1}')
+        message = raw.recv_header()
+        ack = raw.recv_header()
+        assert {
+            "c": "ack",
+            "a": "persisted",
+            "cid": "c1",
+            "sub_id": "s1",
+            "bm": message["bm"],
+            "status": "success",
+        } == ack

@@ -283,6 +283,39 @@ class TestBookmarkReplay:
         assert received.wait_for(2) == ['{"n":5}', '{"n":6}']
 
 
+class TestBookmarkStore:
+    def test_resubscribe_resumes_after_discarded(self, shared_broker, connect):
+        """With the client's bookmark store, a resubscribe resumes after discarded messages."""
+        t = topic()
+        client = AMPS.Client(f"store{uuid.uuid4().hex[:8]}")
+        store = AMPS.MemoryBookmarkStore()
+        client.set_bookmark_store(store)
+        client.connect(shared_broker.tcp_uri)
+        try:
+            client.logon()
+            publisher = connect(shared_broker.tcp_uri)
+            first = Received()
+
+            def discard(message: AMPS.Message) -> None:
+                first(message)
+                store.discard_message(message)
+
+            recent = AMPS.Client.Bookmarks.MOST_RECENT
+            client.bookmark_subscribe(discard, t, recent, None, "resume")
+            for n in range(1, 4):
+                publisher.publish(t, f'{{"n":{n}}}')
+            first.wait_for(3)
+            client.unsubscribe("resume")
+            for n in range(4, 6):
+                publisher.publish(t, f'{{"n":{n}}}')
+            publisher.publish_flush(10_000)
+            second = Received()
+            client.bookmark_subscribe(second, t, recent, None, "resume")
+            assert second.wait_for(2) == ['{"n":4}', '{"n":5}']
+        finally:
+            client.close()
+
+
 class TestRestart:
     def test_replay_after_kill9(self, broker_process: BrokerProcess, connect):
         """Messages acked before a kill -9 replay after the restart, from 0 and a bookmark."""

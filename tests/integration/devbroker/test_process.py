@@ -1,0 +1,44 @@
+"""``ampsflow devbroker`` as an operator runs it: startup errors and signals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.integration.devbroker.conftest import REPO, BrokerProcess, free_port
+
+
+def run_devbroker(tmp_path, data_dir) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "ampsflow.yaml"
+    config.write_text("logging:\n  level: info\n", encoding="utf-8")
+    return subprocess.run(
+        [
+            sys.executable, "-m", "ampsflow", "devbroker", "--config", str(config),
+            "--tcp", f"127.0.0.1:{free_port()}", "--websocket", f"127.0.0.1:{free_port()}",
+            "--data-dir", str(data_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )  # fmt: skip
+
+
+class TestStartup:
+    def test_unusable_data_dir_exits_1_with_one_line(self, tmp_path):
+        """A data dir that cannot be created exits 1 with one clear line on stderr."""
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory", encoding="utf-8")
+        done = run_devbroker(tmp_path, blocker / "data")
+        lines = [
+            line for line in done.stderr.splitlines() if line.startswith("ampsflow devbroker:")
+        ]
+        assert (done.returncode, len(lines)) == (1, 1)
+        assert "cannot use transaction log directory" in lines[0]
+
+    def test_data_dir_in_use_exits_1(self, broker_process: BrokerProcess, tmp_path):
+        """A second broker on the same data dir refuses to start."""
+        done = run_devbroker(tmp_path, broker_process.data_dir)
+        assert done.returncode == 1
+        assert "in use by another process" in done.stderr
