@@ -1,20 +1,18 @@
 """The persister daemon as a subprocess against the devbroker, fed by the official client.
 
-Each test starts its own devbroker and persister on free loopback ports in a
-fresh directory, publishes uniquely identified messages to ``external`` with
-``tests.support.load.SteadyPublisher`` (official Python client, durable publish
-store), and checks the JSONL with the audit (:func:`ampsflow.core.audit.reconcile`).
+Each test starts its own devbroker and persister (``tests.support.processes``)
+in a fresh directory, publishes uniquely identified messages to ``external``
+with ``tests.support.load.SteadyPublisher`` (official Python client, durable
+publish store), and checks the JSONL with the audit
+(:func:`ampsflow.core.audit.reconcile`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,132 +20,52 @@ import pytest
 
 from ampsflow.core.audit import AuditReport, reconcile
 from tests.support.load import LoadConfig, SteadyPublisher
+from tests.support.processes import (
+    REPO,
+    Daemon,
+    Devbroker,
+    Processes,
+    pipeline_config,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
-
-
-class Process:
-    """A command run with ``python -m ampsflow``, output to a log file; stopped by pid."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args = args
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Process:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ampsflow", *self.args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        return self
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout_s: float = 30.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout_s)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not exit in time; idempotent."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+WAIT_S = 60.0
 
 
 class Pipeline:
-    """A devbroker and a persister (restartable) in one directory."""
+    """A devbroker, a persister config and the files the tests read."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tcp = free_port()
-        self.jsonl = root / "out" / "messages.jsonl"
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        self.root = processes.root
+        self.broker: Devbroker = processes.devbroker()
+        self.jsonl = self.root / "out" / "messages.jsonl"
         self.jsonl.parent.mkdir()
-        self.config = root / "ampsflow.yaml"
-        self.config.write_text(
-            f"""
-amps:
-  uri: tcp://127.0.0.1:{self.tcp}/amps/json
-  client_name: test-persister
-  reconnect_max_delay_s: 1.0
-telemetry:
-  exporter: none
-persister:
-  path: {self.jsonl}
-  state_dir: {root / "state"}
-  max_batch_delay_ms: 5
-logging:
-  level: debug
-""",
-            encoding="utf-8",
+        self.config = write_config(
+            self.root / "ampsflow.yaml",
+            pipeline_config(
+                self.root,
+                self.broker,
+                overrides={
+                    "amps": {"client_name": "test-persister"},
+                    "persister": {"path": str(self.jsonl)},
+                    "logging": {"level": "debug"},
+                },
+            ),
         )
-        self.published = root / "published.txt"
-        self.broker = Process(
-            [
-                "devbroker",
-                "--tcp",
-                f"127.0.0.1:{self.tcp}",
-                "--websocket",
-                f"127.0.0.1:{free_port()}",
-                "--data-dir",
-                str(root / "broker"),
-            ],
-            root / "devbroker.log",
-        )
-        self.persisters: list[Process] = []
+        self.published = self.root / "published.txt"
 
-    @property
-    def persister(self) -> Process:
-        return self.persisters[-1]
-
-    def start_broker(self) -> None:
-        self.broker.start()
-        wait_for(lambda: "listening" in self.broker.output(), "the devbroker to listen")
-
-    def start_persister(self) -> Process:
-        process = Process(
-            ["persister", "--config", str(self.config)],
-            self.root / f"persister-{len(self.persisters)}.log",
-        )
-        self.persisters.append(process.start())
-        wait_for(lambda: "ready:" in process.output(), "the persister to be ready")
-        return process
+    def persister(self) -> Daemon:
+        """A started (READY=1) persister."""
+        return self.processes.service("persister", self.config)
 
     def publisher(self, rate_per_s: float = 400.0) -> SteadyPublisher:
         return SteadyPublisher(
             LoadConfig(
-                uri=f"tcp://127.0.0.1:{self.tcp}/amps/json",
+                uri=self.broker.uri,
                 published_path=self.published,
                 store_path=self.root / "publisher.store",
                 topic="external",
@@ -174,6 +92,14 @@ logging:
             return 0
         return len(self.published.read_text(encoding="utf-8").splitlines())
 
+    def wait_all_persisted(self, *paths: Path) -> None:
+        total = self.published_count()
+        wait_for(
+            lambda: sum(self.line_count(p) for p in paths or (self.jsonl,)) >= total,
+            timeout_s=WAIT_S,
+            what=f"{total} lines",
+        )
+
     def audit(self, *paths: Path) -> AuditReport:
         def persisted() -> Iterator[bytes]:
             for path in paths or (self.jsonl,):
@@ -183,20 +109,10 @@ logging:
         with self.published.open(encoding="utf-8") as published:
             return reconcile(published, persisted())
 
-    def stop(self) -> None:
-        for process in reversed(self.persisters):
-            process.stop()
-        self.broker.stop()
-
 
 @pytest.fixture
-def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(tmp_path)
-    try:
-        p.start_broker()
-        yield p
-    finally:
-        p.stop()
+def pipeline(processes: Processes) -> Pipeline:
+    return Pipeline(processes)
 
 
 def lines_at_least(pipeline: Pipeline, count: int) -> Callable[[], bool]:
@@ -220,70 +136,78 @@ def assert_clean(report: AuditReport) -> None:
 class TestDelivery:
     def test_published_messages_land_exactly_once(self, pipeline: Pipeline) -> None:
         """Messages published with the official client are each in the JSONL once, in order."""
-        pipeline.start_persister()
+        pipeline.persister()
         with pipeline.publisher() as publisher:
             publisher.wait_published(300)
-        total = pipeline.published_count()
-        wait_for(lambda: pipeline.line_count() >= total, f"{total} lines")
+        pipeline.wait_all_persisted()
         assert_clean(pipeline.audit())
 
     def test_restart_mid_stream_loses_and_duplicates_nothing(self, pipeline: Pipeline) -> None:
         """kill -9 and SIGTERM restarts while messages flow: every message exactly once."""
-        pipeline.start_persister()
+        persister = pipeline.persister()
         with pipeline.publisher() as publisher:
-            restarts = ((150, signal.SIGKILL), (400, signal.SIGTERM), (650, signal.SIGKILL))
-            for target, how in restarts:
-                wait_for(lines_at_least(pipeline, target), f"{target} lines")
-                pipeline.persister.signal(how)
-                pipeline.persister.wait()
-                pipeline.start_persister()
+            for target, graceful in ((150, False), (400, True), (650, False)):
+                wait_for(lines_at_least(pipeline, target), timeout_s=WAIT_S, what=f"{target} lines")
+                if graceful:
+                    persister.terminate()
+                else:
+                    persister.kill()
+                persister.restart()
             publisher.wait_published(900)
-        total = pipeline.published_count()
-        wait_for(lambda: pipeline.line_count() >= total, f"{total} lines")
+        pipeline.wait_all_persisted()
         assert_clean(pipeline.audit())
 
 
 class TestSignals:
     def test_sighup_after_rename_writes_to_new_file(self, pipeline: Pipeline) -> None:
         """After a rename and SIGHUP, later messages go to a new file; none lost or doubled."""
-        persister = pipeline.start_persister()
+        persister = pipeline.persister()
         rotated = pipeline.jsonl.with_name("messages.jsonl.1")
         with pipeline.publisher(rate_per_s=200) as publisher:
-            wait_for(lambda: pipeline.line_count() >= 50, "50 lines")
+            wait_for(lines_at_least(pipeline, 50), timeout_s=WAIT_S, what="50 lines")
             pipeline.jsonl.rename(rotated)
             persister.signal(signal.SIGHUP)
-            wait_for(lambda: "reopened" in persister.output(), "the reopen")
-            wait_for(lambda: pipeline.line_count() >= 50, "50 lines in the new file")
+            wait_for(lambda: "reopened" in persister.log_text(), timeout_s=WAIT_S, what="reopen")
+            wait_for(lines_at_least(pipeline, 50), timeout_s=WAIT_S, what="50 new-file lines")
             publisher.wait_published(pipeline.line_count(rotated) + 100)
-        total = pipeline.published_count()
-        wait_for(
-            lambda: pipeline.line_count(rotated) + pipeline.line_count() >= total,
-            f"{total} lines in both files",
-        )
+        pipeline.wait_all_persisted(rotated, pipeline.jsonl)
         assert_clean(pipeline.audit(rotated, pipeline.jsonl))
+
+    def test_sighup_reports_reloading_then_ready(self, pipeline: Pipeline) -> None:
+        """SIGHUP is announced to systemd as RELOADING=1 followed by READY=1."""
+        persister = pipeline.persister()
+        persister.notify.clear()
+        persister.signal(signal.SIGHUP)
+        wait_for(lambda: bool(persister.notify.values("READY")), timeout_s=WAIT_S, what="READY=1")
+        expected = (1, 1)
+        assert expected == (
+            len(persister.notify.values("RELOADING")),
+            len(persister.notify.values("READY")),
+        )
 
     def test_sigterm_under_load_exits_zero_with_acked_on_disk(self, pipeline: Pipeline) -> None:
         """SIGTERM while busy: exit 0, and the resume point is a message already on disk."""
-        persister = pipeline.start_persister()
+        persister = pipeline.persister()
         with pipeline.publisher(rate_per_s=600) as publisher:
-            wait_for(lambda: pipeline.line_count() >= 200, "200 lines")
-            persister.signal(signal.SIGTERM)
-            status = persister.wait()
+            wait_for(lines_at_least(pipeline, 200), timeout_s=WAIT_S, what="200 lines")
+            status = persister.terminate()
             on_disk = {
                 meta["bookmark"]
                 for meta in (line["_ampsflow"] for line in pipeline.lines())
                 if isinstance(meta, dict)
             }
-            restarted = pipeline.start_persister()
-            resumed = next(
+            persister.restart()
+            resumed = [
                 line.split("resuming after ", 1)[1].strip()
-                for line in restarted.output().splitlines()
+                for line in persister.log_text().splitlines()
                 if "resuming after " in line
-            )
+            ][-1]
             publisher.wait_published(publisher.published + 50)
+        pipeline.wait_all_persisted()
         resume_points = [b + ("" if b.endswith("|") else "|") for b in resumed.split(",")]
         expected: tuple[int, list[str]] = (0, [])
         assert expected == (status, [b for b in resume_points if b not in on_disk])
+        assert_clean(pipeline.audit())
 
     def test_unwritable_path_is_one_error_and_exit(self, pipeline: Pipeline) -> None:
         """A JSONL path in a missing directory: one stderr line, exit 1, no retries."""
