@@ -165,6 +165,28 @@ class TestStatic:
         )
         assert status == 304
 
+    def test_script_is_gzipped_on_request(self) -> None:
+        """A client accepting gzip gets the script compressed; it inflates to the file."""
+
+        async def scenario() -> tuple[str, bytes]:
+            path = _asset_path(".js")
+            async with (
+                _marker(_config()) as (server, _),
+                aiohttp.ClientSession() as client,
+                client.get(server.make_url(path), headers={"Accept-Encoding": "gzip"}) as response,
+            ):
+                return response.headers["Content-Encoding"], await response.read()
+
+        encoding, body = _run(scenario)
+        assert (encoding, body) == ("gzip", (STATIC_DIR / _asset_path(".js")[1:]).read_bytes())
+
+    def test_plain_without_accept_encoding(self) -> None:
+        """A client that does not accept gzip gets the file as it is."""
+        _, headers, _ = _run(
+            lambda: _get(_config(), _asset_path(".js"), headers={"Accept-Encoding": "identity"})
+        )
+        assert "Content-Encoding" not in headers
+
     def test_unknown_path(self) -> None:
         """A path that is not part of the page is 404."""
         status, _, _ = _run(lambda: _get(_config(), "/nope.js"))
@@ -228,6 +250,11 @@ class TestSecurityHeaders:
             headers["X-Content-Type-Options"],
             headers["X-Frame-Options"],
         ) == ("nosniff", "DENY")
+
+    def test_no_server_banner(self) -> None:
+        """Responses do not announce the server software and version."""
+        _, headers, _ = _run(lambda: _get(_config(), "/"))
+        assert "Server" not in headers
 
     def test_errors_carry_the_headers(self) -> None:
         """A 404 carries the security headers too."""

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import logging
 import re
@@ -75,6 +76,9 @@ _CONTENT_TYPES = {
     ".map": "application/json",
 }
 
+_COMPRESSIBLE = ("text/", "application/json", "image/svg+xml")
+_MIN_GZIP_BYTES = 1024
+
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 
@@ -86,6 +90,8 @@ class StaticFile:
     content_type: str
     cache_control: str
     etag: str
+    gzipped: bytes | None
+    """The body gzip-compressed, when that is worth it (text types)."""
 
 
 def content_type_for(name: str) -> str:
@@ -110,7 +116,12 @@ def load_static(root: Path) -> dict[str, StaticFile]:
         # Vite puts content-hashed names under assets/: safe to cache forever.
         cache = _IMMUTABLE if rel.startswith("assets/") else _REVALIDATE
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-        table["/" + rel] = StaticFile(body, content_type_for(rel), cache, etag)
+        content_type = content_type_for(rel)
+        gzipped = None
+        if content_type.startswith(_COMPRESSIBLE) and len(body) > _MIN_GZIP_BYTES:
+            # mtime=0 keeps the compressed bytes identical from start to start.
+            gzipped = gzip.compress(body, compresslevel=9, mtime=0)
+        table["/" + rel] = StaticFile(body, content_type, cache, etag, gzipped)
     return table
 
 
@@ -227,10 +238,16 @@ async def _static(request: web.Request) -> web.StreamResponse:
     if item is None:
         raise web.HTTPNotFound(text="not found\n")
     headers = {"Cache-Control": item.cache_control, "ETag": item.etag}
+    if item.gzipped is not None:
+        headers["Vary"] = "Accept-Encoding"
     if item.etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
+    headers["Content-Type"] = item.content_type
     # aiohttp sends no body for HEAD on its own.
-    return web.Response(body=item.body, headers={**headers, "Content-Type": item.content_type})
+    if item.gzipped is not None and "gzip" in request.headers.get("Accept-Encoding", ""):
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(body=item.gzipped, headers=headers)
+    return web.Response(body=item.body, headers=headers)
 
 
 async def _config_json(request: web.Request) -> web.Response:
@@ -406,6 +423,11 @@ async def _close_websockets(app: web.Application) -> None:
         await socket.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
 
+async def _hide_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    del request
+    response.headers.pop("Server", None)
+
+
 def build_app(config: MarkerConfig, *, static_dir: Path = STATIC_DIR) -> web.Application:
     """The marker web application for ``config``, serving the page from ``static_dir``.
 
@@ -416,6 +438,7 @@ def build_app(config: MarkerConfig, *, static_dir: Path = STATIC_DIR) -> web.App
     app[_STATE] = _State(config=config, static=load_static(static_dir))
     app.cleanup_ctx.append(_client_session)
     app.on_shutdown.append(_close_websockets)
+    app.on_response_prepare.append(_hide_server_header)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/config.json", _config_json)
     app.router.add_post("/v1/traces", _traces)
