@@ -1,9 +1,10 @@
-"""What the fault scenarios share: settle-and-audit, sd_notify capture, a switchable
-collector relay, tmpfs mounts, RSS sampling and a dead-letter reader.
+"""What the fault scenarios share: settle-and-audit, a switchable collector relay,
+tmpfs mounts, RSS sampling, and a topic reader and raw publisher on the official
+client.
 
 Everything here observes the pipeline from the outside, the way an operator
-would: the JSONL file, ``ampsflow audit``, the sd_notify socket, ``/proc``, and
-the broker through the official client.
+would: the JSONL file, ``ampsflow audit``, ``/proc``, and the broker through the
+official client. Processes are started with :mod:`tests.support.processes`.
 """
 
 from __future__ import annotations
@@ -16,33 +17,33 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import AMPS
 
+from ampsflow.core.codec import decode_correlation_id
+from tests.support.load import LoadConfig, SteadyPublisher
+from tests.support.phoenix import Phoenix, StoredSpan
+from tests.support.processes import (
+    Daemon,
+    Devbroker,
+    Processes,
+    pipeline_config,
+    short_temp_dir,
+    write_config,
+)
+
 POLL_S = 0.2
 """How often the pollers look again."""
-
-
-def wait_for(
-    predicate: Callable[[], bool], *, timeout_s: float, what: str, poll_s: float = POLL_S
-) -> None:
-    """Poll ``predicate`` until it holds.
-
-    Raises:
-        AssertionError: naming ``what`` when the deadline passes first.
-    """
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(poll_s)
 
 
 def count_lines(path: Path) -> int:
@@ -165,65 +166,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise ValueError(f"no VmRSS for pid {pid}")
-
-
-def short_temp_dir(prefix: str) -> Path:
-    """A fresh directory under /tmp with a short path (unix socket paths max 107 bytes)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-class NotifyListener:
-    """A unix datagram socket standing in for systemd's ``NOTIFY_SOCKET``.
-
-    Collects every datagram (``READY=1``, ``STATUS=...``, ``STOPPING=1``...) on
-    a thread; pass :attr:`path` to a daemon as ``NOTIFY_SOCKET``.
-    """
-
-    def __init__(self) -> None:
-        self._dir = short_temp_dir("af-notify-")
-        self.path = self._dir / "notify.sock"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(self.path))
-        self._sock.settimeout(0.2)
-        self._messages: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notify-listener", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._messages.append(data.decode("utf-8", "replace"))
-
-    @property
-    def messages(self) -> list[str]:
-        """Every datagram received so far, in order."""
-        with self._lock:
-            return list(self._messages)
-
-    def assignments(self, key: str) -> list[str]:
-        """Every value sent for ``KEY=`` so far (e.g. all ``STATUS`` lines), in order."""
-        values = []
-        for message in self.messages:
-            for line in message.splitlines():
-                name, sep, value = line.partition("=")
-                if sep and name == key:
-                    values.append(value)
-        return values
-
-    def close(self) -> None:
-        """Stop listening and remove the socket."""
-        self._stop.set()
-        self._thread.join()
-        self._sock.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class TcpRelay:
@@ -450,3 +392,251 @@ def publish_raw(uri: str, topic: str, bodies: list[tuple[bytes | str, str | None
         client.publish_flush(30_000)
     finally:
         client.close()
+
+
+RATE_PER_S = 300.0
+"""The steady load of every scenario, in messages per second."""
+
+
+def clean_audit() -> dict[str, Any]:
+    """:func:`audit_summary` of a JSONL that holds every message once, in order, untorn."""
+    return {
+        "exit_status": 0,
+        "lost": 0,
+        "duplicated": 0,
+        "out_of_order": 0,
+        "torn_last_line": False,
+        "invalid_lines": 0,
+    }
+
+
+def audit_summary(result: AuditResult) -> dict[str, Any]:
+    """The failure counts of an audit, comparable with :func:`clean_audit`."""
+    report = result.report
+    return {
+        "exit_status": result.returncode,
+        "lost": len(report.get("lost", [None])),
+        "duplicated": len(report.get("duplicated", {None: 0})),
+        "out_of_order": len(report.get("out_of_order", [None])),
+        "torn_last_line": report.get("torn_last_line", True),
+        "invalid_lines": len(report.get("invalid_lines", [None])),
+    }
+
+
+def audit_details(result: AuditResult, limit: int = 10) -> str:
+    """A short account of what an audit found, for assertion messages."""
+    report = result.report
+    parts = [f"published={report.get('published')} persisted={report.get('persisted_lines')}"]
+    for key in ("lost", "duplicated", "out_of_order", "invalid_lines", "unexpected"):
+        value = report.get(key)
+        if value:
+            items = list(value.items() if isinstance(value, dict) else value)
+            parts.append(f"{key} ({len(items)}): {items[:limit]}")
+    if result.stderr:
+        parts.append(f"stderr: {result.stderr}")
+    return "; ".join(parts)
+
+
+@dataclass
+class Pipeline:
+    """A running devbroker, processor and persister, and where their output goes."""
+
+    root: Path
+    processes: Processes
+    broker: Devbroker
+    processor: Daemon
+    persister: Daemon
+    config_path: Path
+    jsonl: Path
+    published: Path
+
+    def publisher(
+        self,
+        *,
+        rate_per_s: float = RATE_PER_S,
+        client_name: str = "",
+        otlp_endpoint: str | None = None,
+    ) -> SteadyPublisher:
+        """A steady publisher to the processor's input topic (not started yet).
+
+        Its ids go to :attr:`published`; its publish store lives under :attr:`root`.
+        """
+        name = client_name or f"load-{uuid.uuid4().hex[:8]}"
+        return SteadyPublisher(
+            LoadConfig(
+                uri=self.broker.uri,
+                published_path=self.published,
+                store_path=self.root / f"{name}.store",
+                rate_per_s=rate_per_s,
+                client_name=name,
+                otlp_endpoint=otlp_endpoint,
+            )
+        )
+
+    def settle_and_audit(self, expected_lines: int, *, timeout_s: float = 120.0) -> AuditResult:
+        """Wait until the JSONL stops growing, then run ``ampsflow audit`` on it."""
+        wait_settled(self.jsonl, expected_lines=expected_lines, timeout_s=timeout_s)
+        return run_audit(self.published, self.jsonl)
+
+    def logs(self) -> str:
+        """The last lines of every daemon's log, for assertion messages."""
+        return "\n".join(
+            f"--- {d.name}\n{d.log_tail(15)}" for d in (self.broker, self.processor, self.persister)
+        )
+
+
+def start_pipeline(
+    processes: Processes,
+    root: Path,
+    *,
+    otlp_endpoint: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    start_services: bool = True,
+) -> Pipeline:
+    """Start a devbroker, then (unless ``start_services`` is false) processor and persister.
+
+    The services share one generated config (:func:`pipeline_config`) below
+    ``root``; spans go to ``otlp_endpoint`` or nowhere.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    broker = processes.devbroker()
+    config = pipeline_config(root, broker, otlp_endpoint=otlp_endpoint, overrides=overrides)
+    config_path = write_config(root / "ampsflow.yaml", config)
+    processor = processes.service("processor", config_path, start=start_services)
+    persister = processes.service("persister", config_path, start=start_services)
+    return Pipeline(
+        root=root,
+        processes=processes,
+        broker=broker,
+        processor=processor,
+        persister=persister,
+        config_path=config_path,
+        jsonl=Path(config["persister"]["path"]),
+        published=root / "published.txt",
+    )
+
+
+def lines(jsonl: Path) -> list[dict[str, Any]]:
+    """Every complete line of the JSONL, parsed (torn or invalid lines skipped)."""
+    out: list[dict[str, Any]] = []
+    with jsonl.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                continue
+            with contextlib.suppress(ValueError):
+                value = json.loads(raw)
+                if isinstance(value, dict):
+                    out.append(value)
+    return out
+
+
+def search_spans(
+    phoenix: Phoenix,
+    *,
+    since: datetime | None = None,
+    names: Sequence[str] = (),
+    span_ids: Sequence[str] = (),
+    status: str | None = None,
+) -> list[StoredSpan]:
+    """Spans stored in Phoenix (every project) matching all the given filters.
+
+    Uses the server-side filters of ``GET /v1/projects/{project}/spans`` so a
+    scenario reads back only its own spans, not the whole session's.
+    ``span_ids`` are queried in chunks.
+    """
+    chunks: list[Sequence[str]] = (
+        [span_ids[i : i + 200] for i in range(0, len(span_ids), 200)] if span_ids else [()]
+    )
+    found: dict[str, StoredSpan] = {}
+    for project in phoenix.projects():
+        for chunk in chunks:
+            query: list[tuple[str, str]] = [("limit", "1000")]
+            if since is not None:
+                query.append(("start_time", since.astimezone(UTC).isoformat()))
+            query += [("name", n) for n in names]
+            query += [("span_id", s) for s in chunk]
+            if status is not None:
+                query.append(("status_code", status))
+            cursor: str | None = None
+            while True:
+                page_query = [*query, ("cursor", cursor)] if cursor else query
+                url = (
+                    f"{phoenix.url}/v1/projects/{urllib.parse.quote(project, safe='')}/spans?"
+                    + urllib.parse.urlencode(page_query)
+                )
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    page = json.loads(response.read())
+                for raw in page["data"]:
+                    span = _stored_span(raw, project, phoenix)
+                    found[span.span_id] = span
+                cursor = page.get("next_cursor")
+                if not cursor:
+                    break
+    return list(found.values())
+
+
+def _stored_span(raw: dict[str, Any], project: str, phoenix: Phoenix) -> StoredSpan:
+    context = raw.get("context", {})
+    span_id = context.get("span_id", "")
+    services = phoenix.tap.services if phoenix.tap is not None else {}
+    return StoredSpan(
+        trace_id=context.get("trace_id", ""),
+        span_id=span_id,
+        parent_id=raw.get("parent_id") or None,
+        name=raw.get("name", ""),
+        status=raw.get("status_code", "UNSET"),
+        status_message=raw.get("status_message") or "",
+        attributes=dict(raw.get("attributes") or {}),
+        events=list(raw.get("events") or []),
+        project=project,
+        service=services.get(span_id),
+    )
+
+
+def wait_for_span_ids(
+    phoenix: Phoenix, span_ids: Sequence[str], *, since: datetime, timeout_s: float = 60.0
+) -> set[str]:
+    """Poll Phoenix until every span id is stored; returns those still missing at the deadline."""
+    wanted = set(span_ids)
+    missing = set(wanted)
+    deadline = time.monotonic() + timeout_s
+    while missing and time.monotonic() < deadline:
+        stored = search_spans(phoenix, since=since, span_ids=sorted(missing))
+        missing -= {s.span_id for s in stored}
+        if missing:
+            time.sleep(1.0)
+    return missing
+
+
+def span_id_of(correlation_id: str) -> str:
+    """The span id (16 hex) a CorrelationId names."""
+    return f"{decode_correlation_id(correlation_id).span_id:016x}"
+
+
+class RssSampler:
+    """Samples the resident memory of some processes on a thread until stopped."""
+
+    def __init__(self, pids: Mapping[str, int], interval_s: float = 0.5) -> None:
+        self.pids = dict(pids)
+        self.samples: dict[str, list[int]] = {name: [] for name in pids}
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> RssSampler:
+        """Start sampling."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                with contextlib.suppress(OSError, ValueError):
+                    self.samples[name].append(rss_kib(pid))
+            self._stop.wait(self._interval_s)
+
+    def stop(self) -> dict[str, list[int]]:
+        """Stop sampling and return the samples per process (KiB)."""
+        self._stop.set()
+        self._thread.join()
+        return self.samples
