@@ -28,6 +28,8 @@ from ampsflow.errors import RecordError
 PROVENANCE_KEY = "_ampsflow"
 """The member of every persisted line that holds its provenance."""
 
+_BOOKMARK_PREFIX = "bm:"
+
 UPSTREAM_KEY = "upstream"
 """Where an ``_ampsflow`` member already present in an incoming message is kept."""
 
@@ -172,7 +174,7 @@ def dedupe_key(message: Mapping[str, Any] | None, bookmark: str | None) -> str |
         # another prefix, so the id 7 and the id "7" stay distinct.
         return "id:" + ident if isinstance(ident, str) else "idv:" + _dumps(ident)
     if bookmark:
-        return "bm:" + bookmark
+        return _BOOKMARK_PREFIX + bookmark
     return None
 
 
@@ -200,11 +202,14 @@ class DedupeIndex:
     * the dedupe keys of the most recent ``max_keys`` persisted lines;
     * the highest bookmark sequence persisted per publisher.
 
-    A message is already persisted when its key is among the recent keys, or its
-    bookmark's sequence is at or below its publisher's high-water mark. The
-    second rule holds because a publisher's sequences only increase in delivery
-    order and lines are written in delivery order; the first catches the one
-    replay that carries a new bookmark (a processor re-publishing after a crash).
+    A message is already persisted when its key is among the recent keys. A
+    message without an ``id`` (its key is its bookmark) is also persisted when
+    its bookmark's sequence is at or below its publisher's high-water mark: a
+    publisher's sequences only increase in delivery order and lines are written
+    in delivery order. Messages with an ``id`` are judged by the id alone: the
+    id is what recognises a processor's re-publish after a crash (same id, new
+    bookmark), and a broker whose log was reset restarts a store-less
+    publisher's sequences, which must not make new messages look old.
 
     Why the window suffices: the persister discards a message from its bookmark
     store only after its line is fsync'd, so the store's resume point never lies
@@ -232,6 +237,8 @@ class DedupeIndex:
         """Whether a message with this key and bookmark is already persisted."""
         if key is not None and key in self._keys:
             return True
+        if key is not None and not key.startswith(_BOOKMARK_PREFIX):
+            return False
         parsed = parse_bookmark(bookmark)
         if parsed is None:
             return False
@@ -241,7 +248,7 @@ class DedupeIndex:
 
     def is_beyond_window(self, key: str | None, bookmark: str | None) -> bool:
         """True when only the high-water mark (not the recent keys) knows the message."""
-        return (key is None or key not in self._keys) and self.contains(None, bookmark)
+        return (key is None or key not in self._keys) and self.contains(key, bookmark)
 
     def add(self, key: str | None, bookmark: str | None) -> None:
         """Record one persisted line (call in file order)."""

@@ -194,33 +194,41 @@ class TestDedupeIndex:
         assert expected == (index.contains("id:a", None), len(index))
 
     def test_bookmark_at_or_below_high_water_is_known(self) -> None:
-        """A bookmark at or below its publisher's high-water mark is persisted."""
+        """A message without id at or below its publisher's high-water mark is persisted."""
         index = DedupeIndex(1)
-        index.add("id:a", "1|5|")
-        index.add("id:b", "2|9|")
+        index.add("bm:1|5|", "1|5|")
+        index.add("bm:2|9|", "2|9|")
         expected = (True, True, False)
-        assert expected == (
-            index.contains("id:old", "1|3|"),
-            index.contains("id:old", "1|5|"),
-            index.contains("id:new", "1|6|"),
+        actual = (
+            index.contains("bm:1|3|", "1|3|"),
+            index.contains("bm:1|5|", "1|5|"),
+            index.contains("bm:1|6|", "1|6|"),
         )
+        assert expected == actual
+
+    def test_message_with_id_is_judged_by_id_only(self) -> None:
+        """An unknown id is new even below the high-water mark (a reset broker sequence)."""
+        index = DedupeIndex(10)
+        index.add("id:a", "1|5|")
+        assert not index.contains("id:b", "1|3|")
 
     def test_other_publisher_is_not_affected(self) -> None:
         """A high-water mark is per publisher."""
         index = DedupeIndex(10)
         index.add("id:a", "1|5|")
-        assert not index.contains("id:x", "2|1|")
+        assert not index.contains("bm:2|1|", "2|1|")
 
     def test_beyond_window_is_reported(self) -> None:
         """A message known only by the high-water mark is flagged as beyond the window."""
         index = DedupeIndex(1)
-        index.add("id:a", "1|5|")
-        index.add("id:b", "1|6|")
+        index.add("bm:1|5|", "1|5|")
+        index.add("bm:1|6|", "1|6|")
         expected = (True, False)
-        assert expected == (
-            index.is_beyond_window("id:a", "1|5|"),
-            index.is_beyond_window("id:b", "1|6|"),
+        actual = (
+            index.is_beyond_window("bm:1|5|", "1|5|"),
+            index.is_beyond_window("bm:1|6|", "1|6|"),
         )
+        assert expected == actual
 
     def test_high_water_never_goes_down(self) -> None:
         """Adding a lower sequence keeps the higher mark."""
