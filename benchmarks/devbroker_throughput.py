@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import AMPS
 
@@ -41,9 +43,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def body(i: int) -> str:
+def body(i: int, *, latency: bool = False) -> str:
     """A ~200-byte JSON message carrying its send time in nanoseconds."""
     doc = {
+        "lat": int(latency),
         "id": i,
         "sent_ns": time.time_ns(),
         "sym": "ACME",
@@ -51,39 +54,46 @@ def body(i: int) -> str:
         "px": 101.25,
         "qty": 300,
         "account": "benchmark-account-0001",
-        "note": "x" * 60,
+        "note": "x" * 52,
     }
     return json.dumps(doc, separators=(",", ":"))
 
 
-class Subscriber:
-    def __init__(self) -> None:
-        self.count = 0
-        self.first = 0.0
-        self.last = 0.0
-        self.latencies_ns: list[int] = []
-        self.measure = False
-        self.lock = threading.Lock()
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __call__(self, message: AMPS.Message) -> None:
+
+def subscriber_process(uri: str, n: int, total: int, ready: Any, results: Any) -> None:
+    """Count messages (and latencies of the paced phase) in a process of its own."""
+    done = threading.Event()
+    state = {"count": 0, "first": 0.0, "last": 0.0, "phase1_last": 0.0}
+    latencies: list[int] = []
+
+    def on_message(message: AMPS.Message) -> None:
         now = time.perf_counter()
-        if self.measure:
-            data = message.get_data()
+        data = message.get_data()
+        if data.startswith('{"lat":1'):
             start = data.index('"sent_ns":') + 10
-            sent = int(data[start : data.index(",", start)])
-            self.latencies_ns.append(time.time_ns() - sent)
-        with self.lock:
-            if self.count == 0:
-                self.first = now
-            self.count += 1
-            self.last = now
+            latencies.append(time.time_ns() - int(data[start : data.index(",", start)]))
+        if state["count"] == 0:
+            state["first"] = now
+        state["count"] += 1
+        state["last"] = now
+        if state["count"] == n:
+            state["phase1_last"] = now
+        if state["count"] >= total:
+            done.set()
 
-    def wait_for(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count < count:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"timed out: {self.count} of {count} messages received")
-            time.sleep(0.005)
+    client = AMPS.Client("bench-sub")
+    client.connect(uri)
+    client.logon()
+    client.subscribe(on_message, "bench")
+    ready.set()
+    finished = done.wait(300)
+    client.close()
+    results.put((finished, state["count"], state["first"], state["phase1_last"], latencies))
 
 
 def main() -> int:
@@ -126,48 +136,55 @@ def main() -> int:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
-            sub = Subscriber()
-            subscriber = AMPS.Client("bench-sub")
-            subscriber.connect(uri)
-            subscriber.logon()
-            subscriber.subscribe(sub, "bench")
+            n, m = args.messages, args.latency_messages
+            ctx = multiprocessing.get_context("spawn")
+            ready, results = ctx.Event(), ctx.Queue()
+            sub = ctx.Process(target=subscriber_process, args=(uri, n, n + m, ready, results))
+            sub.start()
+            if not ready.wait(30):
+                raise SystemExit("subscriber did not start")
             publisher = AMPS.Client("bench-pub")
             publisher.connect(uri)
             publisher.logon()
 
-            n = args.messages
-            sample = body(0)
+            bodies = [body(i) for i in range(n)]
+            cpu_before = cpu_seconds(broker.pid)
             started = time.perf_counter()
-            for i in range(n):
-                publisher.publish("bench", body(i))
+            for data in bodies:
+                publisher.publish("bench", data)
             published = time.perf_counter()
             publisher.publish_flush(120_000)
-            sub.wait_for(n, 120)
-            pub_rate = n / (published - started)
-            sustained = (n - 1) / (sub.last - sub.first) if sub.last > sub.first else 0.0
-            print(f"message size: {len(sample)} bytes")
-            print(f"throughput: {n} messages, publish {pub_rate:,.0f} msgs/s")
-            print(f"throughput: subscriber sustained {sustained:,.0f} msgs/s")
+            flushed = time.perf_counter()
+            cpu_used = cpu_seconds(broker.pid) - cpu_before
 
-            m = args.latency_messages
-            sub.measure = True
             interval = 1.0 / args.latency_rate
-            start = time.perf_counter()
+            paced = time.perf_counter()
             for i in range(m):
-                target = start + i * interval
+                target = paced + i * interval
                 while time.perf_counter() < target:
                     pass
-                publisher.publish("bench", body(n + i))
-            sub.wait_for(n + m, 120)
-            lat = sorted(sub.latencies_ns)
+                publisher.publish("bench", body(n + i, latency=True))
+            publisher.publish_flush(120_000)
+            finished, count, first, last, latencies = results.get(timeout=300)
+            sub.join(30)
+            publisher.close()
+            if not finished:
+                raise SystemExit(f"timed out: {count} of {n + m} messages received")
+            print(f"message size: {len(body(0))} bytes, {n} + {m} messages")
+            print(f"publish (client side): {n / (published - started):,.0f} msgs/s")
+            print(f"published and persisted (publish_flush): {n / (flushed - started):,.0f} msgs/s")
+            print(f"subscriber sustained: {(n - 1) / (last - first):,.0f} msgs/s")
+            print(
+                f"broker CPU: {cpu_used:.2f} s for {n} messages = "
+                f"{cpu_used / n * 1e6:.1f} us/message (one core: {n / cpu_used:,.0f} msgs/s)"
+            )
+            lat = sorted(latencies)
             p50 = statistics.median(lat) / 1e6
             p99 = lat[int(len(lat) * 0.99) - 1] / 1e6
             print(
-                f"latency at {args.latency_rate:,} msgs/s ({m} messages): "
-                f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+                f"latency at {args.latency_rate:,} msgs/s: p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+                " (publish to delivery, fdatasync included)"
             )
-            publisher.close()
-            subscriber.close()
         finally:
             broker.terminate()
             broker.wait(30)
