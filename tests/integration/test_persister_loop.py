@@ -47,6 +47,17 @@ class FailingSyscalls(OsSyscalls):
         super().fdatasync(fd)
 
 
+class RecordingNotifier(Notifier):
+    """A notifier that remembers every STATUS= line (and sends nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[str] = []
+
+    def status(self, status: str) -> None:
+        self.statuses.append(status)
+
+
 class Harness:
     """A persister over a fake broker and a real file, run on a thread."""
 
@@ -57,7 +68,8 @@ class Harness:
         self.sink = JsonlSink(path, syscalls=self.syscalls)
         self.sink.open()
         self.otel: InMemoryTelemetry = in_memory_telemetry("persister")
-        self.daemon = Daemon("persister", notifier=Notifier())
+        self.notifier = RecordingNotifier()
+        self.daemon = Daemon("persister", notifier=self.notifier)
         self.persister = Persister(
             source=self.amps,
             sink=self.sink,
@@ -155,6 +167,20 @@ class TestBatching:
             h.stop()
         expected = (3, 7)
         assert expected == (h.persister.batches, len(h.lines()))
+
+    def test_consumed_and_process_duration_are_recorded(self, harness: Harness) -> None:
+        """Every delivery counts as consumed and records a process duration."""
+        for i in range(5):
+            harness.deliver({"id": f"m{i}"})
+        harness.start()
+        harness.wait_discarded(5)
+        durations = harness.otel.metric_points("messaging.process.duration")
+        expected = (5, 5)
+        actual = (
+            harness.otel.counter_total("messaging.client.consumed.messages"),
+            sum(p.count for p in durations),
+        )
+        assert expected == actual
 
     def test_batch_size_and_fsync_metrics_are_recorded(self, harness: Harness) -> None:
         """Each commit records its size and fsync duration."""
@@ -332,6 +358,16 @@ class TestWriteFailures:
             sum(1 for e in span.events if e.name == "exception"),
         )
         assert expected == actual
+
+    def test_failure_and_recovery_are_reported_as_status(self, harness: Harness) -> None:
+        """STATUS= names the error while failing, then says it is persisting again."""
+        harness.syscalls.failures = 1
+        harness.start()
+        harness.deliver({"id": "m1"})
+        harness.wait_discarded(1)
+        statuses = harness.notifier.statuses
+        expected = (True, f"persisting external to {harness.path}")
+        assert expected == ("(ENOSPC)" in statuses[0], statuses[-1])
 
     def test_failures_are_counted(self, harness: Harness) -> None:
         """Each failed attempt counts in ampsflow.persister.write.errors."""
