@@ -59,6 +59,17 @@ async function publish(uri, topic, count) {
   return { published: Number(count) };
 }
 
+// Publish COUNT messages through a memory publish store (a=persisted with s) and wait
+// until the broker's persisted acks have emptied the store.
+async function stored(uri, topic, count) {
+  const client = Client.createMemoryBacked('js-stored');
+  await client.connect(uri);
+  for (let i = 1; i <= Number(count); i += 1) client.publish(topic, { n: i });
+  await waitFor(() => client.publishStore().unpersistedCount() === 0, 'persisted acks');
+  await client.disconnect();
+  return { unpersisted: client.publishStore().unpersistedCount() };
+}
+
 // Replay TOPIC from BOOKMARK until COUNT messages arrived.
 async function replay(uri, topic, bookmark, count) {
   const client = new Client('js-replay');
@@ -84,7 +95,7 @@ async function refuse(uri, topic, filter) {
   }
 }
 
-const scenarios = { roundtrip, publish, replay, refuse };
+const scenarios = { roundtrip, publish, stored, replay, refuse };
 
 async function main() {
   const [scenario, ...args] = process.argv.slice(2);

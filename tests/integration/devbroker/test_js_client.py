@@ -84,6 +84,13 @@ class TestJavaScriptClient:
         result = run_js("replay", shared_broker.ws_uri, t, "0", "3")
         assert [m["data"] for m in result["received"]] == [{"n": 1}, {"n": 2}, {"n": 3}]
 
+    def test_publish_store_is_emptied_by_persisted_acks(self, shared_broker):
+        """A JS publish store is emptied by the broker's persisted acks, and the log has all."""
+        t = topic()
+        assert run_js("stored", shared_broker.ws_uri, t, "5") == {"unpersisted": 0}
+        result = run_js("replay", shared_broker.ws_uri, t, "0", "5")
+        assert [{"n": n} for n in range(1, 6)] == [m["data"] for m in result["received"]]
+
     def test_python_publisher_reaches_js_replay(self, shared_broker, python_client):
         """Messages from the Python client replay to the JS client with their bookmarks."""
         t = topic()

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
 from tests.integration.devbroker.conftest import REPO, BrokerProcess, free_port
 
 
-def run_devbroker(tmp_path, data_dir) -> subprocess.CompletedProcess[str]:
+def run_devbroker(tmp_path, data_dir, tcp_port=None) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "ampsflow.yaml"
     config.write_text("logging:\n  level: info\n", encoding="utf-8")
     return subprocess.run(
         [
             sys.executable, "-m", "ampsflow", "devbroker", "--config", str(config),
-            "--tcp", f"127.0.0.1:{free_port()}", "--websocket", f"127.0.0.1:{free_port()}",
+            "--tcp", f"127.0.0.1:{tcp_port or free_port()}",
+            "--websocket", f"127.0.0.1:{free_port()}",
             "--data-dir", str(data_dir),
         ],
         cwd=REPO,
@@ -42,3 +44,12 @@ class TestStartup:
         done = run_devbroker(tmp_path, broker_process.data_dir)
         assert done.returncode == 1
         assert "in use by another process" in done.stderr
+
+    def test_port_in_use_exits_1(self, tmp_path):
+        """A TCP port that is already taken exits 1 with a clear line."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            done = run_devbroker(tmp_path, tmp_path / "data", tcp_port=taken.getsockname()[1])
+        assert done.returncode == 1
+        assert "address already in use" in done.stderr.lower()
