@@ -202,6 +202,9 @@ class Persister:
             if received is None:
                 break
             batch.append(self._prepare(received, batch_keys))
+        # One add per batch: the same count as one per delivery, at a fraction
+        # of the cost of recording every message separately.
+        self._instruments.consumed.add(len(batch), self._metric_attrs)
         return batch
 
     def commit(self, batch: list[_Item], daemon: Daemon) -> bool:
@@ -291,7 +294,6 @@ class Persister:
                 bookmark=received.bookmark,
             ),
         )
-        self._instruments.consumed.add(1, self._metric_attrs)
         if cid_problem is not None:
             span.set_attribute(PROBLEM_ATTRIBUTE, cid_problem)
             self._instruments.correlation_problems.add(
