@@ -340,7 +340,11 @@ class Broker:
                     self._ack_conns.discard(conn)
         after = self._after
         while after and after[0][0] <= durable:
-            after.popleft()[1]()
+            try:
+                after.popleft()[1]()
+            except Exception:
+                self.counters.internal_errors += 1
+                logger.exception("post-commit callback failed")
         if self._paused and not self.congested:
             for conn in list(self._paused):
                 conn.resume()
@@ -356,7 +360,12 @@ class Broker:
                 subs = [s for s in self._subs if s.matches_topic(entry.topic)]
                 cache[entry.topic] = subs
             if subs:
-                self._deliver(entry, subs)
+                try:
+                    self._deliver(entry, subs)
+                except Exception:
+                    # A failing delivery must not stop the committer (everyone's acks).
+                    self.counters.internal_errors += 1
+                    logger.exception("delivery of log position %d failed", entry.position)
 
     def _deliver(self, entry: LogEntry, subs: list[Subscription]) -> None:
         body: object = _UNPARSED
@@ -433,7 +442,12 @@ class Broker:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
             for conn in list(self._conns):
-                conn.tick(now)
+                try:
+                    conn.tick(now)
+                except Exception:
+                    self.counters.internal_errors += 1
+                    logger.exception("%r: periodic work failed; closing", conn)
+                    conn.close("internal error")
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 logger.debug(

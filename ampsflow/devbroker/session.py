@@ -50,6 +50,8 @@ QUEUE_ACK_CID = "AMPS-queue-ack"
 this command id (queue semantics); without queues there is nothing to do."""
 
 _IMMEDIATE_ACKS = ("received", "parsed")
+MAX_BACKLOG = 100_000
+"""Frames a client may send before its logon is answered."""
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class Counters:
     unsupported_commands: int = 0
     slow_consumers: int = 0
     heartbeat_timeouts: int = 0
+    internal_errors: int = 0
 
     def as_text(self) -> str:
         """Return ``name=value`` pairs for a log line."""
@@ -161,14 +164,26 @@ class Connection:
         """
         self.broker.counters.frames_in += 1
         if self._backlog is not None:
+            if len(self._backlog) >= MAX_BACKLOG:
+                logger.warning("%r: more than %d frames before the logon ack", self, MAX_BACKLOG)
+                self.close("flooding before logon")
+                return
             self._backlog.append((header, body))
             return
+        self._handle(header, body)
+
+    def _handle(self, header: Header, body: bytes) -> None:
         try:
             self._dispatch(header, body)
         except ProtocolError as exc:
             self.broker.counters.malformed_frames += 1
             logger.warning("%r: bad %s command: %s", self, header.get("c", "?"), exc)
             self.nack(header, "invalid header")
+        except Exception:
+            # One command's failure must not take the connection or the broker down.
+            self.broker.counters.internal_errors += 1
+            logger.exception("%r: %s command failed", self, header.get("c", "?"))
+            self.nack(header, "internal error")
 
     def _dispatch(self, header: Header, body: bytes) -> None:
         c = header.get("c")
@@ -287,10 +302,14 @@ class Connection:
             )
         finally:
             backlog, self._backlog = self._backlog or [], None
-            for queued_header, queued_body in backlog:
+            for index, (queued_header, queued_body) in enumerate(backlog):
                 if self.closed:
                     break
-                self.receive(queued_header, queued_body)
+                if self._backlog is not None:
+                    # Another logon is pending: what follows it waits for it too.
+                    self._backlog.extend(backlog[index:])
+                    break
+                self._handle(queued_header, queued_body)
 
     async def _authenticate(self, header: Header) -> bool:
         users = self.broker.users
