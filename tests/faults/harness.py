@@ -293,6 +293,10 @@ class Tmpfs:
         )
         self.size_kib = size_kib
 
+    def remount_read_only(self) -> None:
+        """Make it read-only (``mount -o remount,ro``): every write then fails with EROFS."""
+        subprocess.run(["mount", "-o", "remount,ro", self.path], check=True, capture_output=True)
+
     def free_bytes(self) -> int:
         """Bytes still available to an unprivileged writer."""
         st = os.statvfs(self.path)
