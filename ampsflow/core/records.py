@@ -172,7 +172,10 @@ def dedupe_key(message: Mapping[str, Any] | None, bookmark: str | None) -> str |
         ident = message["id"]
         # A string id is used as is; any other JSON value by its JSON text under
         # another prefix, so the id 7 and the id "7" stay distinct.
-        return "id:" + ident if isinstance(ident, str) else "idv:" + _dumps(ident)
+        if isinstance(ident, str):
+            return "id:" + ident
+        # NaN and Infinity are allowed here: the key only has to be stable.
+        return "idv:" + json.dumps(ident, separators=(",", ":"), sort_keys=True)
     if bookmark:
         return _BOOKMARK_PREFIX + bookmark
     return None

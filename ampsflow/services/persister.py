@@ -192,7 +192,7 @@ class Persister:
         if first is None:
             return []
         batch_keys: set[str] = set()
-        batch = [self._prepare(first, batch_keys)]
+        batch = [self._prepare_safely(first, batch_keys)]
         deadline = time.monotonic() + self._max_delay_s
         while len(batch) < self._max_lines and not stop.is_set():
             remaining = deadline - time.monotonic()
@@ -201,7 +201,7 @@ class Persister:
             received = self._source.receive(remaining)
             if received is None:
                 break
-            batch.append(self._prepare(received, batch_keys))
+            batch.append(self._prepare_safely(received, batch_keys))
         # One add per batch: the same count as one per delivery, at a fraction
         # of the cost of recording every message separately.
         self._instruments.consumed.add(len(batch), self._metric_attrs)
@@ -258,6 +258,47 @@ class Persister:
         daemon.ready(f"persisting {self._topic} to {self._sink.path}")
 
     # -- steps ---------------------------------------------------------------
+
+    def _prepare_safely(self, received: Received, batch_keys: set[str]) -> _Item:
+        """:meth:`_prepare`, but a message that trips an unexpected error is kept raw.
+
+        The per-message boundary: a bug triggered by one message must not stop
+        the daemon (it would crash again on the redelivery), and the message
+        must not be lost.
+        """
+        try:
+            return self._prepare(received, batch_keys)
+        except Exception as exc:
+            logger.exception("cannot prepare the message at bookmark %s", received.bookmark)
+            span = self._tracer.start_span(
+                SPAN_NAME,
+                kind=SpanKind.CONSUMER,
+                attributes=messaging_attributes(
+                    destination=received.topic or self._topic,
+                    operation_type=OPERATION_NAME,
+                    operation_name=OPERATION_NAME,
+                    message_id=received.bookmark,
+                    body_size=len(received.body),
+                    bookmark=received.bookmark,
+                ),
+            )
+            record_failure(span, exc, "internal_error")
+            self._instruments.rejected.add(
+                1, {**self._metric_attrs, "error.type": "internal_error"}
+            )
+            ctx = span.get_span_context()
+            provenance = Provenance(
+                trace_id=format(ctx.trace_id, "032x"),
+                span_id=format(ctx.span_id, "016x"),
+                topic=received.topic or self._topic,
+                bookmark=received.bookmark,
+                persisted_at=self._now(),
+            )
+            data = build_raw_line(received.body, "internal_error", provenance)
+            key = dedupe_key(None, received.bookmark)
+            return _Item(
+                received, span, time.monotonic(), PendingLine(data, key, received.bookmark)
+            )
 
     def _prepare(self, received: Received, batch_keys: set[str]) -> _Item:
         """Start the span of one message and build its line (or mark it a replay)."""

@@ -11,11 +11,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
+from ampsflow.adapters.amps import Received
 from ampsflow.adapters.sink import JsonlSink, OsSyscalls
 from ampsflow.adapters.systemd import Notifier
 from ampsflow.core.codec import TraceParent, encode_correlation_id
@@ -61,7 +63,9 @@ class RecordingNotifier(Notifier):
 class Harness:
     """A persister over a fake broker and a real file, run on a thread."""
 
-    def __init__(self, path: Path, *, max_batch_lines: int = 100) -> None:
+    def __init__(
+        self, path: Path, *, max_batch_lines: int = 100, persister: type[Persister] = Persister
+    ) -> None:
         self.path = path
         self.amps = FakeAmps()
         self.syscalls = FailingSyscalls()
@@ -70,7 +74,7 @@ class Harness:
         self.otel: InMemoryTelemetry = in_memory_telemetry("persister")
         self.notifier = RecordingNotifier()
         self.daemon = Daemon("persister", notifier=self.notifier)
-        self.persister = Persister(
+        self.persister = persister(
             source=self.amps,
             sink=self.sink,
             telemetry=self.otel.telemetry,
@@ -296,6 +300,37 @@ class TestBadInput:
             harness.lines()[1].get("id"),
         )
         assert expected == actual
+
+    def test_nan_is_kept_raw(self, harness: Harness) -> None:
+        """A body with NaN (parsed, but not standard JSON) is kept raw, never dropped."""
+        harness.start()
+        harness.deliver('{"id": NaN}')
+        harness.wait_discarded(1)
+        meta = harness.lines()[0]["_ampsflow"]
+        assert isinstance(meta, dict)
+        expected = ('{"id": NaN}', "unserialisable")
+        assert expected == (meta["raw"], meta["error"])
+
+    def test_unexpected_error_keeps_message_raw_and_continues(self, tmp_path: Path) -> None:
+        """A message that trips an unexpected error is kept raw; the next one is written."""
+
+        class Exploding(Persister):
+            def _prepare(self, received: Received, batch_keys: set[str]) -> Any:
+                if received.body == b"boom":
+                    raise RuntimeError("bug")
+                return super()._prepare(received, batch_keys)
+
+        h = Harness(tmp_path / "m.jsonl", persister=Exploding)
+        try:
+            h.start()
+            h.deliver("boom")
+            h.deliver({"id": "ok"})
+            h.wait_discarded(2)
+        finally:
+            h.stop()
+        lines = h.lines()
+        expected = ("internal_error", "ok")
+        assert expected == (lines[0]["_ampsflow"]["error"], lines[1]["id"])  # type: ignore[index]
 
 
 class TestReplays:

@@ -150,6 +150,11 @@ class TestDedupeKey:
         """The id 7 and the id "7" are different keys."""
         assert dedupe_key({"id": 7}, None) != dedupe_key({"id": "7"}, None)
 
+    def test_nan_id_still_has_a_key(self) -> None:
+        """An id JSON parsing allows but strict JSON does not (NaN) still gives a key."""
+        expected = "idv:NaN"
+        assert expected == dedupe_key({"id": float("nan")}, None)
+
     def test_bookmark_when_no_id(self) -> None:
         """Without an id the bookmark is the key."""
         expected = "bm:1|2|"
