@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import AMPS
 import pytest
@@ -109,6 +110,14 @@ class TestPublishSubscribe:
         publisher.execute_async(command.set_correlation_id("Y29ycjE="), None)
         received.wait_for(1)
         assert received.correlation_ids == ["Y29ycjE="]
+
+    def test_delta_publish_is_delivered(self, shared_broker, connect):
+        """A delta_publish reaches subscribers like a publish (no state of the world)."""
+        t = topic()
+        received = Received()
+        connect(shared_broker.tcp_uri).subscribe(received, t)
+        connect(shared_broker.tcp_uri).delta_publish(t, '{"id":1,"px":2}')
+        assert received.wait_for(1) == ['{"id":1,"px":2}']
 
     def test_unsubscribe_stops_delivery(self, shared_broker, connect):
         """After unsubscribe, a subscription receives nothing more."""
@@ -281,6 +290,42 @@ class TestBookmarkReplay:
         received = Received()
         connect(shared_broker.tcp_uri).bookmark_subscribe(received, t, "0", "/n > 4")
         assert received.wait_for(2) == ['{"n":5}', '{"n":6}']
+
+    def test_replay_from_timestamp(self, shared_broker, connect):
+        """A timestamp bookmark replays the messages published at or after that instant."""
+        t = topic()
+        publisher = connect(shared_broker.tcp_uri)
+        publisher.publish(t, '{"n":1}')
+        publisher.publish_flush(10_000)
+        since = datetime.now(UTC)
+        publisher.publish(t, '{"n":2}')
+        publisher.publish_flush(10_000)
+        received = Received()
+        stamp = since.strftime("%Y%m%dT%H%M%S.%fZ")
+        connect(shared_broker.tcp_uri).bookmark_subscribe(received, t, stamp)
+        received.wait_for(1)
+        publisher.publish(t, '{"n":3}')
+        assert received.wait_for(2) == ['{"n":2}', '{"n":3}']
+
+    def test_replay_from_bookmark_list(self, shared_broker, connect):
+        """A comma list of bookmarks skips what each listed publisher already delivered."""
+        t = topic()
+        alice, bob = connect(shared_broker.tcp_uri), connect(shared_broker.tcp_uri)
+        for n in range(1, 4):
+            alice.publish(t, f'{{"a":{n}}}')
+            alice.publish_flush(10_000)
+            bob.publish(t, f'{{"b":{n}}}')
+            bob.publish_flush(10_000)
+        everything = Received()
+        connect(shared_broker.tcp_uri).bookmark_subscribe(everything, t, "0")
+        everything.wait_for(6)
+        # a1 b1 a2 b2 a3 b3: resume after a2 for alice and after b1 for bob.
+        listed = f"{everything.bookmarks[2]},{everything.bookmarks[1]}"
+        resumed = Received()
+        connect(shared_broker.tcp_uri).bookmark_subscribe(resumed, t, listed)
+        resumed.wait_for(3)
+        alice.publish(t, '{"a":4}')
+        assert resumed.wait_for(4) == ['{"b":2}', '{"a":3}', '{"b":3}', '{"a":4}']
 
 
 class TestBookmarkStore:
