@@ -42,7 +42,7 @@ from ampsflow.config import Config, DevbrokerConfig, parse_host_port
 from ampsflow.devbroker import protocol
 from ampsflow.devbroker.auth import Users
 from ampsflow.devbroker.bookmarks import ReplaySpec
-from ampsflow.devbroker.session import Connection, Counters, Subscription
+from ampsflow.devbroker.session import MALFORMED, Connection, Counters, Subscription
 from ampsflow.devbroker.txlog import LogEntry, ReplayCursor, TransactionLog
 from ampsflow.errors import AuthError, ProtocolError, TransactionLogError
 from ampsflow.logs import configure_logging
@@ -472,7 +472,9 @@ class Broker:
         logger.warning("%r: malformed frame (%s): %.120r", conn, error, raw)
         match = _CID.search(raw)
         if match is not None:
-            conn.nack({"cid": match.group(1).decode("utf-8", "replace")}, "invalid header")
+            # Through receive(), so the nack keeps its place behind a pending logon ack.
+            cid = match.group(1).decode("utf-8", "replace")
+            conn.receive({"c": MALFORMED, "cid": cid}, b"")
 
     # ------------------------------------------------------------------ WebSocket
 

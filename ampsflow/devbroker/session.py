@@ -50,6 +50,9 @@ QUEUE_ACK_CID = "AMPS-queue-ack"
 this command id (queue semantics); without queues there is nothing to do."""
 
 _IMMEDIATE_ACKS = ("received", "parsed")
+MALFORMED = "\x00malformed"
+"""Command name the transports give a frame whose header could not be parsed but whose
+``cid`` could be found: it is answered with a failure ack in its turn."""
 MAX_BACKLOG = 100_000
 """Frames a client may send before its logon is answered."""
 
@@ -199,6 +202,8 @@ class Connection:
             self.broker.track(task)
         elif cmd == "heartbeat":
             self._heartbeat(header)
+        elif cmd == MALFORMED:
+            self.nack({"cid": header["cid"]}, "invalid header")
         elif not self.logged_on:
             self.broker.counters.malformed_frames += 1
             logger.warning("%r: %r before logon; closing", self, cmd)

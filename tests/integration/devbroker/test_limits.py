@@ -7,12 +7,14 @@ Python client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
 import uuid
 from collections.abc import Iterator
 
+import aiohttp
 import AMPS
 import pytest
 
@@ -243,3 +245,47 @@ class TestSubscriptionPersistedAck:
             "bm": message["bm"],
             "status": "success",
         } == ack
+
+
+async def _websocket_exchange(
+    url: str, frames: list[str | bytes], expect: int | None = None
+) -> list[str]:
+    """Send ``frames`` after the text preamble; return ``expect`` text frames (or all until
+    the broker closes)."""
+    received: list[str] = []
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        await ws.send_str("text")
+        for frame in frames:
+            if isinstance(frame, bytes):
+                await ws.send_bytes(frame)
+            else:
+                await ws.send_str(frame)
+        while expect is None or len(received) < expect:
+            message = await ws.receive(timeout=DEADLINE_S)
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            received.append(message.data)
+    return received
+
+
+def count_frame(n: int) -> bytes:
+    return struct.pack("<I", n)
+
+
+class TestWebSocketBadInput:
+    def test_missing_count_frame_closes_connection(self, start_broker):
+        """A header sent without its frame-count frame closes that WebSocket."""
+        broker = start_broker()
+        asyncio.run(_websocket_exchange(broker.ws_uri, ['{"c":"logon","cid":"1"}']))
+        assert broker.counter("malformed_frames") == 1
+
+    def test_bad_header_is_nacked_and_connection_kept(self, start_broker):
+        """An unparseable header with a findable cid is nacked; later commands still work."""
+        broker = start_broker()
+        logon = '{"c":"logon","cid":"L","client_name":"ws-bad","a":"processed"}'
+        flush = '{"c":"flush","cid":"F","a":"processed"}'
+        frames: list[str | bytes] = [count_frame(1), logon, count_frame(1)]
+        frames += ['{"c":"x","cid":"B",oops}', count_frame(1), flush]
+        replies = asyncio.run(_websocket_exchange(broker.ws_uri, frames, expect=3))
+        statuses = [(json.loads(r)["cid"], json.loads(r)["status"]) for r in replies]
+        assert statuses == [("L", "success"), ("B", "failure"), ("F", "success")]
