@@ -32,7 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -122,6 +122,34 @@ def http_ok(url: str) -> bool:
         return False
 
 
+# Variables that would override the generated config for every child alike:
+# one service name for all four, or another collector than --otlp-endpoint.
+_OVERRIDING_VARIABLES = (
+    "OTEL_SERVICE_NAME",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+)
+
+
+def child_environment(environ: Mapping[str, str], notify_path: Path) -> dict[str, str]:
+    """The environment of a demo child.
+
+    Variables that would override the demo's own config are removed. Metric
+    export is off unless ``OTEL_METRICS_EXPORTER`` is set: the demo is about
+    traces, and trace-only backends (Jaeger, Phoenix) reject ``/v1/metrics``.
+    """
+    env = {k: v for k, v in environ.items() if k not in _OVERRIDING_VARIABLES}
+    env.setdefault("OTEL_METRICS_EXPORTER", "none")
+    env["NOTIFY_SOCKET"] = str(notify_path)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 @dataclass
 class Child:
     """One service process of the demo."""
@@ -164,9 +192,7 @@ class Demo:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         notify.setblocking(False)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONUNBUFFERED": "1"}
-        env.pop("WATCHDOG_USEC", None)
-        env.pop("JOURNAL_STREAM", None)
+        env = child_environment(os.environ, notify_path)
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "ampsflow", name, "--config", str(self.config_path)],

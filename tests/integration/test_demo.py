@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from ampsflow.config import load_config
-from ampsflow.services.demo import demo_config, traces_url
+from ampsflow.services.demo import child_environment, demo_config, traces_url
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,6 +66,27 @@ class TestDemoConfig:
             mapping["telemetry"]["endpoint"],
             mapping["marker"]["otlp_traces_upstream"],
         ) == ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces")
+
+
+class TestChildEnvironment:
+    def test_drops_service_name_override(self) -> None:
+        """OTEL_SERVICE_NAME would give all four services one name; children do not get it."""
+        env = child_environment({"OTEL_SERVICE_NAME": "x", "PATH": "/bin"}, Path("/tmp/n.sock"))
+        assert ("OTEL_SERVICE_NAME" in env, env["PATH"]) == (False, "/bin")
+
+    def test_own_notify_socket(self) -> None:
+        """Each child reports readiness to the demo, not to the demo's own service manager."""
+        env = child_environment({"NOTIFY_SOCKET": "/run/systemd/notify"}, Path("/tmp/n.sock"))
+        assert env["NOTIFY_SOCKET"] == "/tmp/n.sock"
+
+    def test_metrics_off_by_default(self) -> None:
+        """Metric export is off unless the operator asks for it."""
+        assert child_environment({}, Path("/tmp/n.sock"))["OTEL_METRICS_EXPORTER"] == "none"
+
+    def test_metrics_exporter_kept_when_set(self) -> None:
+        """An explicit OTEL_METRICS_EXPORTER is passed on."""
+        env = child_environment({"OTEL_METRICS_EXPORTER": "otlp"}, Path("/tmp/n.sock"))
+        assert env["OTEL_METRICS_EXPORTER"] == "otlp"
 
 
 def _free_port() -> int:
