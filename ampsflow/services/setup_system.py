@@ -55,6 +55,8 @@ DIRECTORIES = (
 CONFIG_PATH = "etc/ampsflow/ampsflow.yaml"
 LOGROTATE_PATH = "etc/logrotate.d/ampsflow"
 UNIT_DIR = "etc/systemd/system"
+RELOAD_COMMAND = "/bin/kill"
+"""The units' ``ExecReload=`` sends SIGHUP with it (Debian package procps)."""
 # Directories that ProtectHome=yes hides from the services.
 HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
 
@@ -255,6 +257,8 @@ def warnings_for(bin_dir: str) -> list[str]:
     missing = [c for c in COMMANDS if not os.access(Path(bin_dir) / c, os.X_OK)]
     if missing:
         found.append(f"{', '.join(missing)} not found in {bin_dir}: the units would not start")
+    if not os.access(RELOAD_COMMAND, os.X_OK):
+        found.append(f"{RELOAD_COMMAND} not found: `systemctl reload` would fail (install procps)")
     resolved = Path(bin_dir).resolve()
     for home in HOME_DIRS:
         if resolved.is_relative_to(home):
