@@ -15,8 +15,10 @@ on:
 * At open, a torn last line (a crash in the middle of a write) is cut back to
   the last ``"\\n"`` with a WARNING; those bytes were never fsync'd, so their
   messages were never discarded from the bookmark store and will be replayed.
-* At open, the dedupe keys of the last ``dedupe_window_lines`` lines and the
-  highest bookmark per publisher are loaded into a bounded
+* At open, the dedupe keys of the last ``dedupe_window_lines`` lines (read
+  from at most the last ``dedupe_scan_bytes`` of the file, so a file of huge
+  lines cannot make the start slow or memory-hungry) and the highest bookmark
+  per publisher among them are loaded into a bounded
   :class:`~ampsflow.core.records.DedupeIndex`; see there why replays cannot
   reach further back than that.
 * :meth:`JsonlSink.reopen` (SIGHUP) closes the file and opens the path again,
@@ -45,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 FILE_MODE = 0o640
 """Permissions of a newly created JSONL file (owner writes, group reads)."""
+
+DEFAULT_SCAN_BYTES = 64 << 20
+"""Default bound on how much of the file's end is read at open for dedupe keys."""
 
 _TAIL_CHUNK_BYTES = 1 << 20
 
@@ -113,6 +118,7 @@ class JsonlSink:
     Args:
         path: The file. Its directory must exist.
         dedupe_window_lines: How many of the most recent lines' keys to remember.
+        dedupe_scan_bytes: How much of the file's end is read at open for them.
         syscalls: Where writes and syncs go (tests inject failures here).
     """
 
@@ -121,9 +127,11 @@ class JsonlSink:
         path: Path | str,
         *,
         dedupe_window_lines: int = 100_000,
+        dedupe_scan_bytes: int = DEFAULT_SCAN_BYTES,
         syscalls: Syscalls | None = None,
     ) -> None:
         self.path = Path(path)
+        self._scan_bytes = dedupe_scan_bytes
         self.index = DedupeIndex(dedupe_window_lines)
         self.stats = SinkStats()
         self._syscalls: Syscalls = syscalls or OsSyscalls()
@@ -332,13 +340,15 @@ class JsonlSink:
         chunks: list[list[bytes]] = []
         count = 0
         end = size
+        floor = max(0, size - self._scan_bytes)
         carry = b""
-        while end > 0 and count < wanted:
-            start = max(0, end - _TAIL_CHUNK_BYTES)
+        while end > floor and count < wanted:
+            start = max(floor, end - _TAIL_CHUNK_BYTES)
             data = os.pread(fd, end - start, start) + carry
             parts = data.split(b"\n")
             # parts[0] may be the end of a line that starts in an earlier chunk.
             carry = parts[0] if start > 0 else b""
+            # At the scan floor parts[0] is the cut-off end of an older line.
             complete = parts[1:] if start > 0 else parts
             complete = [p for p in complete if p]
             chunks.append(complete)

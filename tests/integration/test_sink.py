@@ -7,12 +7,15 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ampsflow.adapters.sink import FILE_MODE, JsonlSink, OsSyscalls, PendingLine
 from ampsflow.core.records import Provenance, build_line, dedupe_key
@@ -201,6 +204,28 @@ class TestTornLine:
         assert (1, original) == (invalid, path.read_bytes())
 
 
+class TestRepairProperty:
+    @given(
+        ids=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=12, unique=True),
+        data=st.data(),
+    )
+    @settings(max_examples=60, deadline=None)
+    def test_any_torn_tail_leaves_exactly_the_whole_lines(
+        self, ids: list[str], data: st.DataObject
+    ) -> None:
+        """Whatever prefix of the last line survived a crash, open keeps the whole lines only."""
+        lines = [line(ident, i) for i, ident in enumerate(ids, start=1)]
+        whole, torn = lines[:-1], lines[-1].data
+        cut = data.draw(st.integers(min_value=0, max_value=len(torn) - 1))
+        with tempfile.TemporaryDirectory(prefix="sink-prop-") as tmp:
+            target = Path(tmp) / "m.jsonl"
+            target.write_bytes(content(whole) + torn[:cut])
+            with JsonlSink(target) as sink:
+                known = [sink.contains(p.key, None) for p in lines]
+            expected = (content(whole), [True] * len(whole) + [False])
+            assert expected == (target.read_bytes(), known)
+
+
 class TestDedupeAcrossRestart:
     def test_keys_survive_restart(self, path: Path) -> None:
         """A new sink on the same file recognises what an earlier one wrote."""
@@ -228,6 +253,17 @@ class TestDedupeAcrossRestart:
             actual = (sink.contains("bm:7|1|", "7|1|"), sink.contains("bm:7|11|", "7|11|"))
         expected = (True, False)
         assert expected == actual
+
+    def test_scan_is_bounded_by_bytes(self, path: Path) -> None:
+        """Only whole lines within the last dedupe_scan_bytes are loaded."""
+        batch = [line(str(i), i) for i in range(1, 11)]
+        with JsonlSink(path) as sink:
+            sink.commit(batch)
+        scan = len(batch[-1].data) * 2 + len(batch[-1].data) // 2
+        with JsonlSink(path, dedupe_scan_bytes=scan) as sink:
+            known = [i for i in range(1, 11) if sink.contains(f"id:{i}", None)]
+        expected = [9, 10]
+        assert expected == known
 
     def test_window_spans_chunks(self, path: Path) -> None:
         """Lines larger than the read chunk are loaded whole."""
