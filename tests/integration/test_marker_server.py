@@ -420,6 +420,21 @@ class TestAmpsWebSocketProxy:
 
         assert _run(scenario) in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
 
+    def test_shutdown_closes_page_sockets_going_away(self) -> None:
+        """A stopping server closes open page sockets with 1001 (going away)."""
+
+        async def scenario() -> int | None:
+            async with _echo_broker() as url, aiohttp.ClientSession() as client:
+                async with _marker(_config(amps_websocket_upstream=url)) as (server, _):
+                    ws = await client.ws_connect(server.make_url("/amps/json"))
+                    await ws.send_str("x")
+                    await ws.receive(timeout=5)
+                message = await ws.receive(timeout=10)
+                await ws.close()
+                return int(message.data) if message.type is aiohttp.WSMsgType.CLOSE else None
+
+        assert _run(scenario) == aiohttp.WSCloseCode.GOING_AWAY
+
 
 class TestHealthz:
     def test_ok(self) -> None:
