@@ -44,7 +44,14 @@ function ConnectionBadge({ state, url }) {
     label = seconds === null ? "Disconnected" : `Disconnected, retrying in ${seconds} s`;
   }
   return (
-    <div className={`connection connection-${state.status}`} id="connection" data-state={state.status} title={url}>
+    <div
+      className={`connection connection-${state.status}`}
+      id="connection"
+      data-state={state.status}
+      title={url}
+      role="status"
+      aria-live="polite"
+    >
       <span className="dot" aria-hidden="true" />
       <span className="connection-label">{label}</span>
       {state.status === State.DISCONNECTED && state.reason ? (
@@ -248,7 +255,9 @@ function Marker({ config }) {
                     <th>Message id</th>
                     <th>Trace id</th>
                     <th>Status</th>
-                    <th />
+                    <th>
+                      <span className="visually-hidden">Trace</span>
+                    </th>
                   </tr>
                 </thead>
                 <tbody>
