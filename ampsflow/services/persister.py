@@ -238,7 +238,7 @@ class Persister:
             daemon.force.wait(self._rng.uniform(delay / 2, delay))
             delay = min(self._retry_max_s, delay * 2)
         if attempt:
-            logger.warning("writing %s again after %d failed attempts", self._sink.path, attempt)
+            logger.info("writing %s again after %d failed attempts", self._sink.path, attempt)
             daemon.status(f"persisting {self._topic} to {self._sink.path}")
         self._finish(batch, result, attempt)
         return True
