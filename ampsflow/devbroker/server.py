@@ -543,7 +543,6 @@ class Broker:
                 conn.last_received = time.monotonic()
                 conn.receive(header, body)
         finally:
-            conn.closed = True
             self.remove_connection(conn, conn.close_reason or reason)
             await conn.finish()
         return ws
@@ -782,11 +781,12 @@ class WsConnection(Connection):
         self._wakeup.set()
 
     async def finish(self) -> None:
-        """Called when the reader ends: stop the writer and close the socket."""
-        self.closed = True
+        """Called when the reader ends: let the writer send what is queued, then close."""
+        self._closing = True
         self._wakeup.set()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._writer, timeout=5)
+        self.closed = True
 
 
 def run(config: Config, args: argparse.Namespace) -> int:

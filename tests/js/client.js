@@ -30,9 +30,14 @@ function describe(message) {
   };
 }
 
+// The client rejects with an Error(reason), or with {commandId, message: <the ack>} when
+// the logon itself is refused.
 function reason(err) {
   if (err instanceof Error) return err.message;
-  if (err && typeof err === 'object' && err.reason) return err.reason;
+  if (err && typeof err === 'object') {
+    if (err.reason) return err.reason;
+    if (err.message && err.message.reason) return err.message.reason;
+  }
   return String(err);
 }
 
@@ -47,6 +52,15 @@ async function roundtrip(uri, inTopic, filter, outTopic, corr, body) {
   await waitFor(() => received.length > 0, `a message on ${inTopic}`);
   await client.disconnect();
   return { received };
+}
+
+// Log on (credentials, if any, in the URI) and report the server version.
+async function logon(uri) {
+  const client = new Client('js-logon');
+  await client.connect(uri);
+  const version = client.serverVersion();
+  await client.disconnect();
+  return { version };
 }
 
 // Publish COUNT messages {"n": i} to TOPIC and wait for the broker to persist them.
@@ -95,7 +109,7 @@ async function refuse(uri, topic, filter) {
   }
 }
 
-const scenarios = { roundtrip, publish, stored, replay, refuse };
+const scenarios = { logon, roundtrip, publish, stored, replay, refuse };
 
 async function main() {
   const [scenario, ...args] = process.argv.slice(2);

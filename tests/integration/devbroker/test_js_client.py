@@ -16,6 +16,7 @@ from typing import Any
 import AMPS
 import pytest
 
+from ampsflow.devbroker.auth import Users, hash_password
 from tests.integration.devbroker.conftest import RunningBroker, wait_until
 
 JS_DIR = Path(__file__).resolve().parents[2] / "js"
@@ -124,3 +125,19 @@ class TestJavaScriptClient:
             lambda: shared_broker.counter("connections_closed") > before,
             "the broker to close the JS connection",
         )
+
+
+class TestJavaScriptAuthentication:
+    @pytest.fixture
+    def broker(self, start_broker):
+        return start_broker(users=Users({"alice": hash_password("s3cret", iterations=1000)}))
+
+    def test_valid_password_logs_on(self, broker):
+        """The JS client logs on with the user and password from its URI."""
+        uri = broker.ws_uri.replace("ws://", "ws://alice:s3cret@")
+        assert run_js("logon", uri) == {"version": "5.3.4.0"}
+
+    def test_wrong_password_is_refused(self, broker):
+        """A wrong password rejects the JS client's connect with 'auth failure'."""
+        uri = broker.ws_uri.replace("ws://", "ws://alice:wrong@")
+        assert run_js("logon", uri) == {"error": "auth failure"}
