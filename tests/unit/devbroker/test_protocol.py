@@ -19,9 +19,10 @@ JS_S_RULE = re.compile(rb'"s":\d+,')
 class TestSplitFrame:
     def test_header_and_body(self):
         """The header ends at its closing brace; the rest of the frame is the body."""
-        assert protocol.split_frame(
-            b'{"c":"p","t":"a"}{"id":1}'
-        ) == (b'{"c":"p","t":"a"}', b'{"id":1}')
+        assert protocol.split_frame(b'{"c":"p","t":"a"}{"id":1}') == (
+            b'{"c":"p","t":"a"}',
+            b'{"id":1}',
+        )
 
     def test_brace_inside_string(self):
         """A brace inside a quoted header value does not end the header."""
@@ -52,15 +53,18 @@ class TestParseHeader:
 
     def test_fast_path_keeps_values(self):
         """A publish header comes back as it was sent."""
-        assert protocol.parse_header(
-            b'{"c":"p","t":"orders","s":7}'
-        ) == {"c": "p", "t": "orders", "s": 7}
+        assert protocol.parse_header(b'{"c":"p","t":"orders","s":7}') == {
+            "c": "p",
+            "t": "orders",
+            "s": 7,
+        }
 
     def test_booleans_and_nulls(self):
         """Booleans become text and nulls are dropped."""
-        assert protocol.parse_header(
-            b'{"c":"x","flag":true,"gone":null}'
-        ) == {"c": "x", "flag": "true"}
+        assert protocol.parse_header(b'{"c":"x","flag":true,"gone":null}') == {
+            "c": "x",
+            "flag": "true",
+        }
 
     @pytest.mark.parametrize(
         "raw", [b"{", b"[1]", b'{"c":{"nested":1}}', b'{"c":"p","t":[1]}', b"\xff"]
@@ -158,9 +162,13 @@ class TestServerHeaders:
         """A p header carries sids, topic, bookmark and correlation id."""
         tail = protocol.delivery_tail("orders", "1|2|", "Y29y")
         header = protocol.delivery_header(b"a,b", tail)
-        assert json.loads(
-            header
-        ) == {"c": "p", "sids": "a,b", "t": "orders", "bm": "1|2|", "x": "Y29y"}
+        assert json.loads(header) == {
+            "c": "p",
+            "sids": "a,b",
+            "t": "orders",
+            "bm": "1|2|",
+            "x": "Y29y",
+        }
 
     def test_empty_body_delivery_has_l_zero(self):
         """An empty body is announced with l:0 so the JS client expects no body frame."""
