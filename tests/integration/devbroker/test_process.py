@@ -9,7 +9,7 @@ import sys
 from tests.integration.devbroker.conftest import REPO, BrokerProcess, free_port
 
 
-def run_devbroker(tmp_path, data_dir, tcp_port=None) -> subprocess.CompletedProcess[str]:
+def run_devbroker(tmp_path, data_dir, tcp_port=None, extra=()) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "ampsflow.yaml"
     config.write_text("logging:\n  level: info\n", encoding="utf-8")
     return subprocess.run(
@@ -17,7 +17,7 @@ def run_devbroker(tmp_path, data_dir, tcp_port=None) -> subprocess.CompletedProc
             sys.executable, "-m", "ampsflow", "devbroker", "--config", str(config),
             "--tcp", f"127.0.0.1:{tcp_port or free_port()}",
             "--websocket", f"127.0.0.1:{free_port()}",
-            "--data-dir", str(data_dir),
+            "--data-dir", str(data_dir), *extra,
         ],
         cwd=REPO,
         capture_output=True,
@@ -53,3 +53,10 @@ class TestStartup:
             done = run_devbroker(tmp_path, tmp_path / "data", tcp_port=taken.getsockname()[1])
         assert done.returncode == 1
         assert "address already in use" in done.stderr.lower()
+
+    def test_unreadable_users_file_exits_1(self, tmp_path):
+        """A users file that cannot be read exits 1 naming the file."""
+        missing = tmp_path / "no-such-users"
+        done = run_devbroker(tmp_path, tmp_path / "data", extra=("--users-file", str(missing)))
+        assert done.returncode == 1
+        assert f"cannot read users file {missing}" in done.stderr
