@@ -13,7 +13,7 @@ import pytest
 
 from ampsflow.devbroker.auth import Users, hash_password
 from ampsflow.devbroker.bookmarks import publisher_id
-from tests.integration.devbroker.conftest import BrokerProcess, wait_until
+from tests.integration.devbroker.conftest import DEADLINE_S, BrokerProcess, wait_until
 
 
 @dataclass
@@ -290,6 +290,31 @@ class TestBookmarkReplay:
         received = Received()
         connect(shared_broker.tcp_uri).bookmark_subscribe(received, t, "0", "/n > 4")
         assert received.wait_for(2) == ['{"n":5}', '{"n":6}']
+
+    def test_switch_to_live_under_load_has_no_gap_or_duplicate(self, shared_broker, connect):
+        """A replay that starts while publishing goes on delivers every message exactly once."""
+        t = topic()
+        total = 10_000
+        publisher = connect(shared_broker.tcp_uri)
+        half_way = threading.Event()
+
+        def publish_all() -> None:
+            for n in range(total):
+                publisher.publish(t, f'{{"n":{n}}}')
+                if n == total // 3:
+                    publisher.publish_flush(10_000)
+                    half_way.set()
+
+        thread = threading.Thread(target=publish_all)
+        thread.start()
+        try:
+            half_way.wait(DEADLINE_S)
+            received = Received()
+            connect(shared_broker.tcp_uri).bookmark_subscribe(received, t, "0")
+            bodies = received.wait_for(total)
+        finally:
+            thread.join(DEADLINE_S)
+        assert [f'{{"n":{n}}}' for n in range(total)] == bodies
 
     def test_replay_from_timestamp(self, shared_broker, connect):
         """A timestamp bookmark replays the messages published at or after that instant."""
