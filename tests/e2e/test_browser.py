@@ -338,6 +338,48 @@ class TestClickToJsonl:
         }
 
 
+class TestBurst:
+    def test_burst_lands_once_each(
+        self, demo: DemoRun, tmp_path_factory: pytest.TempPathFactory
+    ) -> None:
+        """A burst of 20 marks lands in the JSONL exactly once per mark."""
+        with _chromium(tmp_path_factory.mktemp("chromium")) as browser:
+            browser.get(demo.page_url)
+            _wait_connection(browser, "connected")
+            browser.find_element(By.ID, "mark-text").send_keys("burst")
+            count = browser.find_element(By.ID, "burst-count")
+            count.clear()
+            count.send_keys("20")
+            browser.find_element(By.ID, "burst-button").click()
+
+            def ids_when_settled() -> set[str] | None:
+                rows = browser.find_elements(By.CSS_SELECTOR, "tr.mark")
+                burst = [r for r in rows if "/20)" in r.find_element(By.CSS_SELECTOR, ".text").text]
+                statuses = [
+                    r.find_element(By.CSS_SELECTOR, "td.status").get_attribute("data-status")
+                    for r in burst
+                ]
+                if len(burst) < 20 or "sending" in statuses:
+                    return None
+                assert set(statuses) == {"published"}
+                return {r.get_attribute("data-mark-id") or "" for r in burst}
+
+            ids = _poll("the burst to settle", ids_when_settled)
+
+        def lines_when_all_landed() -> list[str] | None:
+            if not demo.jsonl.exists():
+                return None
+            found = [
+                record["id"]
+                for record in map(json.loads, demo.jsonl.read_text("utf-8").splitlines())
+                if record.get("id") in ids
+            ]
+            return found if set(found) == ids else None
+
+        found = _poll("the burst in the JSONL", lines_when_all_landed)
+        assert sorted(found) == sorted(ids)
+
+
 # --- broker outage -----------------------------------------------------------
 
 
