@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -344,6 +346,20 @@ class TestOtlpProxy:
         _, _, app = _run(lambda: _post_traces(_config(), _SPANS))
         assert counters(app).otlp_upstream_errors == 1
 
+    def test_outage_is_logged_once(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Repeated failures during one collector outage give one WARNING, not one per export."""
+
+        async def scenario() -> None:
+            async with _marker(_config()) as (server, _), aiohttp.ClientSession() as client:
+                for _ in range(3):
+                    async with client.post(server.make_url("/v1/traces"), data=_SPANS) as response:
+                        await response.read()
+
+        with caplog.at_level(logging.DEBUG, logger="ampsflow.services.marker.server"):
+            _run(scenario)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+
     def test_slow_collector_times_out(self) -> None:
         """A collector slower than otlp_timeout_ms gets the page a 504, not a hang."""
         collector = Collector(delay_s=5.0)
@@ -400,6 +416,20 @@ class TestAmpsWebSocketProxy:
                     return exc.status
 
         assert _run(scenario) == 502
+
+    def test_outage_is_logged_once(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Pages retrying against a down broker give one WARNING per outage."""
+
+        async def scenario() -> None:
+            async with _marker(_config()) as (server, _), aiohttp.ClientSession() as client:
+                for _ in range(3):
+                    with contextlib.suppress(aiohttp.WSServerHandshakeError):
+                        await client.ws_connect(server.make_url("/amps/json"))
+
+        with caplog.at_level(logging.DEBUG, logger="ampsflow.services.marker.server"):
+            _run(scenario)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
 
     def test_broker_close_closes_the_page_socket(self) -> None:
         """When the broker goes away the page's socket is closed, not left hanging."""

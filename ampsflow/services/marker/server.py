@@ -201,6 +201,7 @@ class _State:
     session: aiohttp.ClientSession | None = None
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     otlp_failing: bool = False
+    amps_failing: bool = False
 
 
 _STATE = web.AppKey("marker_state", _State)
@@ -377,10 +378,16 @@ async def _amps_websocket(request: web.Request) -> web.StreamResponse:
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
         state.counters.ws_upstream_failures += 1
-        logger.warning("AMPS upstream %s unavailable: %s", config.amps_websocket_upstream, exc)
+        # Every open page retries every few seconds: one WARNING per outage.
+        log = logger.debug if state.amps_failing else logger.warning
+        state.amps_failing = True
+        log("AMPS upstream %s unavailable: %s", config.amps_websocket_upstream, exc)
         return _json_error(
             502, "amps upstream unavailable", f"{config.amps_websocket_upstream}: {exc}"
         )
+    if state.amps_failing:
+        state.amps_failing = False
+        logger.warning("AMPS upstream %s is reachable again", config.amps_websocket_upstream)
     await browser.prepare(request)
     state.sockets.add(browser)
     state.counters.ws_sessions_total += 1
