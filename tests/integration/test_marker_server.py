@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestServer
 
 from ampsflow.config import MarkerConfig
 from ampsflow.services.marker.server import STATIC_DIR, build_app, counters
+from tests.support.processes import Daemon, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -514,6 +515,20 @@ class TestProcess:
             _wait_healthy(port, process)
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=15) == 0
+
+    def test_sd_notify_ready_then_stopping(self, tmp_path: Path) -> None:
+        """The server tells systemd READY=1 once listening and STOPPING=1 on SIGTERM."""
+        path = write_config(
+            tmp_path / "ampsflow.yaml", {"marker": {"listen": f"127.0.0.1:{_free_port()}"}}
+        )
+        marker = Daemon("marker", ["marker", "--config", str(path)], tmp_path / "marker.log")
+        try:
+            marker.start()
+            status = marker.terminate()
+            notified = (marker.notify.values("READY"), marker.notify.values("STOPPING"))
+        finally:
+            marker.close()
+        assert (status, notified) == (0, (["1"], ["1"]))
 
     def test_port_in_use_is_one_line_error(self, tmp_path: Path) -> None:
         """A busy port gives a one-line error and exit status 1."""
