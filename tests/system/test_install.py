@@ -270,7 +270,13 @@ def built_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deb")
     given = os.environ.get("AMPSFLOW_DEB")
     if given:
-        shutil.copy(given, out)
+        fields = subprocess.run(
+            ["dpkg-deb", "--showformat=${Version}_${Architecture}", "--show", given],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\t")[-1]
+        shutil.copy(given, out / f"ampsflow_{fields}.deb")
     else:
         reason = _missing_build_tool()
         if reason is not None:
