@@ -45,6 +45,9 @@ UNSUPPORTED = {
 }
 """Commands the devbroker refuses, with the failure reason it answers."""
 
+UNSUPPORTED_OPTIONS = frozenset({"pause", "resume", "conflation", "conflation_key", "projection"})
+"""Subscribe options that would change what is delivered and that the devbroker lacks."""
+
 QUEUE_ACK_CID = "AMPS-queue-ack"
 """The Python client acknowledges every bookmarked message with a ``sow_delete`` under
 this command id (queue semantics); without queues there is nothing to do."""
@@ -388,6 +391,11 @@ class Connection:
             return
         if not isinstance(topic, str) or not topic:
             self.nack(header, "invalid topic")
+            return
+        refused = opts & UNSUPPORTED_OPTIONS
+        if refused:
+            logger.info("%r: subscribe %s refused: options %s", self, sub_id, sorted(refused))
+            self.nack(header, "invalid options")
             return
         if sub_id in self.subs and "replace" not in opts:
             self.nack(header, "subscription already exists")

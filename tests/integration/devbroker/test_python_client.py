@@ -206,6 +206,12 @@ class TestFailureReasons:
         with pytest.raises(exception):
             client.subscribe(lambda _m: None, topic_name, expression)
 
+    def test_unsupported_option(self, shared_broker, connect):
+        """A subscribe option the broker lacks (pause) raises InvalidOptionsException."""
+        client = connect(shared_broker.tcp_uri)
+        with pytest.raises(AMPS.InvalidOptionsException):
+            client.subscribe(lambda _m: None, "orders", None, "pause")
+
     def test_invalid_bookmark(self, shared_broker, connect):
         """A bookmark the broker cannot parse raises InvalidBookmarkException."""
         client = connect(shared_broker.tcp_uri)
