@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,6 +19,7 @@ import pytest
 
 from ampsflow.core.codec import TraceParent, decode_correlation_id, encode_correlation_id
 from tests.support.processes import (
+    REPO,
     Daemon,
     Devbroker,
     Processes,
@@ -290,3 +294,93 @@ class TestLifecycle:
             line.startswith("ampsflow processor: cannot open the AMPS stores")
             for line in daemon.log_text().splitlines()
         )
+
+
+class TestSupervision:
+    def test_watchdog_is_pinged(self, processes: Processes, config: Path) -> None:
+        """With WATCHDOG_USEC set, the consumer loop sends WATCHDOG=1."""
+        daemon = processes.service("processor", config, env={"WATCHDOG_USEC": "400000"})
+        wait_for(
+            lambda: len(daemon.notify.values("WATCHDOG")) >= 3,
+            timeout_s=SETTLE_S,
+            what="three watchdog pings",
+        )
+        assert daemon.running
+
+    def test_sigterm_while_broker_is_unreachable(
+        self, processes: Processes, tmp_path: Path, broker: Devbroker
+    ) -> None:
+        """SIGTERM during the connection backoff ends the daemon at once with status 0."""
+        broker.kill()
+        config = write_config(tmp_path / "down.yaml", pipeline_config(tmp_path, broker))
+        daemon = processes.service("processor", config, start=False)
+        daemon.start(wait=False)
+        wait_for(
+            lambda: any("cannot reach AMPS" in s for s in daemon.notify.values("STATUS")),
+            timeout_s=SETTLE_S,
+            what="a failed connection attempt",
+        )
+        assert (daemon.terminate(timeout_s=10), daemon.notify.values("READY")) == (0, [])
+
+    def test_daemonize_with_pid_file(
+        self, tmp_path: Path, broker: Devbroker, publisher: Publisher, output: Reader
+    ) -> None:
+        """--daemonize detaches, holds the pid file, processes, and stops on SIGTERM."""
+        pid_file = tmp_path / "processor.pid"
+        log_file = tmp_path / "processor.log"
+        config = write_config(
+            tmp_path / "daemon.yaml",
+            pipeline_config(tmp_path, broker, overrides={"logging": {"file": str(log_file)}}),
+        )
+        launcher = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ampsflow",
+                "processor",
+                "--config",
+                str(config),
+                "--daemonize",
+                "--pid-file",
+                str(pid_file),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            timeout=SETTLE_S,
+            check=False,
+        )
+        pid = 0
+        try:
+            wait_for(pid_file.exists, timeout_s=SETTLE_S, what="the pid file")
+            wait_for(lambda: pid_file.read_text().strip().isdigit(), timeout_s=10, what="a pid")
+            pid = int(pid_file.read_text())
+            wait_for(lambda: "ready:" in _read(log_file), timeout_s=SETTLE_S, what="ready")
+            publisher.publish(1)
+            publisher.finish()
+            wait_for_ids(output, 1)
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: not _alive(pid), timeout_s=SETTLE_S, what="the daemon to exit")
+            pid = 0
+        finally:
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        assert (
+            launcher.returncode,
+            pid_file.exists(),
+            "stopped" in _read(log_file),
+        ) == (0, False, True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

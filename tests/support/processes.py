@@ -151,14 +151,16 @@ class Daemon:
         self.log_path = log_path
         self.ready_port = ready_port
         self.notify = NotifySocket()
+        inherited = {
+            k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")
+        }
         self.env = {
-            **os.environ,
+            **inherited,
             "OTEL_METRICS_EXPORTER": "none",
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
             "NOTIFY_SOCKET": str(self.notify.path),
         }
-        self.env.pop("WATCHDOG_USEC", None)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -172,8 +174,12 @@ class Daemon:
         """Whether the process is alive."""
         return self.process is not None and self.process.poll() is None
 
-    def start(self, timeout_s: float = START_TIMEOUT_S) -> Daemon:
-        """Start and wait until ready; fails with the log tail if it exits first."""
+    def start(self, timeout_s: float = START_TIMEOUT_S, *, wait: bool = True) -> Daemon:
+        """Start and (unless ``wait=False``) wait until ready.
+
+        Raises:
+            AssertionError: with the log tail when it exits before it is ready.
+        """
         assert not self.running, f"{self.name} is already running"
         self.notify.clear()
         with self.log_path.open("ab") as log:
@@ -194,7 +200,8 @@ class Daemon:
                 return port_open(self.ready_port)
             return bool(self.notify.values("READY"))
 
-        wait_for(ready, timeout_s=timeout_s, what=f"{self.name} to become ready")
+        if wait:
+            wait_for(ready, timeout_s=timeout_s, what=f"{self.name} to become ready")
         return self
 
     @property
