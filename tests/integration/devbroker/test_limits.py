@@ -18,6 +18,7 @@ import aiohttp
 import AMPS
 import pytest
 
+from ampsflow.devbroker import server
 from tests.integration.devbroker.conftest import DEADLINE_S, RunningBroker, wait_until
 
 
@@ -289,3 +290,29 @@ class TestWebSocketBadInput:
         replies = asyncio.run(_websocket_exchange(broker.ws_uri, frames, expect=3))
         statuses = [(json.loads(r)["cid"], json.loads(r)["status"]) for r in replies]
         assert statuses == [("L", "success"), ("B", "failure"), ("F", "success")]
+
+
+class TestRetention:
+    def test_retention_bounds_the_log_and_replay_starts_at_oldest(self, start_broker, monkeypatch):
+        """Old segments are deleted while serving; replay from 0 starts at the oldest kept."""
+        monkeypatch.setattr(server, "RETENTION_INTERVAL_S", 0.2)
+        broker = start_broker(segment_bytes=8 * 1024, retention_bytes=32 * 1024)
+        client = AMPS.Client("retained")
+        client.connect(broker.tcp_uri)
+        try:
+            client.logon()
+            for n in range(1, 2001):
+                client.publish("kept", f'{{"n":{n},"pad":"{"x" * 100}"}}')
+            client.publish_flush(10_000)
+            wait_until(
+                lambda: broker.call(lambda: broker.broker.log.first_position) > 1, "retention"
+            )
+            oldest = broker.call(lambda: broker.broker.log.first_position)
+            got: list[int] = []
+            client.bookmark_subscribe(
+                lambda m: got.append(json.loads(m.get_data())["n"]), "kept", "0"
+            )
+            wait_until(lambda: len(got) >= 2001 - oldest, "the retained messages")
+        finally:
+            client.close()
+        assert list(range(oldest, 2001)) == got
