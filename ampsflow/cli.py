@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="send every service's spans to this OTLP/HTTP endpoint",
     )
     p.add_argument("--port", type=int, default=8080, help="marker page port (default 8080)")
+    p.add_argument(
+        "--jaeger-ui-url",
+        metavar="URL",
+        help="show an 'open trace' link per mark (e.g. http://127.0.0.1:16686)",
+    )
 
     command("check-config", "Validate the config and print the effective settings.")
 

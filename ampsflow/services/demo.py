@@ -68,6 +68,7 @@ def demo_config(
     broker_ws_port: int,
     marker_port: int,
     otlp_endpoint: str | None,
+    jaeger_ui_url: str | None = None,
 ) -> dict[str, Any]:
     """The YAML mapping of the demo's config, all state below ``directory``."""
     state = directory / "state"
@@ -88,6 +89,7 @@ def demo_config(
             "listen": f"127.0.0.1:{marker_port}",
             "amps_websocket_upstream": f"ws://127.0.0.1:{broker_ws_port}/amps/json",
             "otlp_traces_upstream": traces_url(otlp_endpoint) if otlp_endpoint else None,
+            "jaeger_ui_url": jaeger_ui_url,
         },
         "devbroker": {
             "tcp": f"127.0.0.1:{broker_tcp_port}",
@@ -293,6 +295,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         broker_ws_port=ws_port,
         marker_port=args.port,
         otlp_endpoint=args.otlp_endpoint,
+        jaeger_ui_url=args.jaeger_ui_url,
     )
     config_path = directory / "ampsflow.yaml"
     config_path.write_text(

@@ -67,6 +67,20 @@ class TestDemoConfig:
             mapping["marker"]["otlp_traces_upstream"],
         ) == ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces")
 
+    def test_jaeger_ui_url_reaches_the_page(self, tmp_path: Path) -> None:
+        """--jaeger-ui-url turns on the page's "open trace" links."""
+        mapping = demo_config(
+            tmp_path,
+            broker_tcp_port=1,
+            broker_ws_port=2,
+            marker_port=3,
+            otlp_endpoint=None,
+            jaeger_ui_url="http://127.0.0.1:16686",
+        )
+        path = tmp_path / "ampsflow.yaml"
+        path.write_text(yaml.safe_dump(mapping), encoding="utf-8")
+        assert "http://127.0.0.1:16686" == load_config(path).marker.jaeger_ui_url
+
 
 class TestChildEnvironment:
     def test_drops_service_name_override(self) -> None:
