@@ -22,7 +22,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -496,18 +496,33 @@ def start_pipeline(
     otlp_endpoint: str | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     start_services: bool = True,
+    export_from: Collection[str] = ("processor", "persister"),
 ) -> Pipeline:
     """Start a devbroker, then (unless ``start_services`` is false) processor and persister.
 
     The services share one generated config (:func:`pipeline_config`) below
-    ``root``; spans go to ``otlp_endpoint`` or nowhere.
+    ``root``; spans go to ``otlp_endpoint`` (or nowhere), but only from the
+    services named in ``export_from``: the others get ``telemetry.exporter:
+    none``, which keeps the trace backend's ingest load down to what a
+    scenario reads back.
     """
     root.mkdir(parents=True, exist_ok=True)
     broker = processes.devbroker()
     config = pipeline_config(root, broker, otlp_endpoint=otlp_endpoint, overrides=overrides)
     config_path = write_config(root / "ampsflow.yaml", config)
-    processor = processes.service("processor", config_path, start=start_services)
-    persister = processes.service("persister", config_path, start=start_services)
+    silent = write_config(
+        root / "ampsflow-no-export.yaml", {**config, "telemetry": {"exporter": "none"}}
+    )
+    processor = processes.service(
+        "processor",
+        config_path if "processor" in export_from else silent,
+        start=start_services,
+    )
+    persister = processes.service(
+        "persister",
+        config_path if "persister" in export_from else silent,
+        start=start_services,
+    )
     return Pipeline(
         root=root,
         processes=processes,

@@ -99,6 +99,7 @@ def bad_input_run(
             root,
             otlp_endpoint=phoenix.endpoint,
             overrides={"processor": {"max_message_bytes": MAX_MESSAGE_BYTES}},
+            export_from=("processor",),
         )
         since = datetime.now(UTC)
         pid_before = pipeline.processor.pid
@@ -113,7 +114,7 @@ def bad_input_run(
                 "internal",
                 [(body, VALID_PARENT) for body, _ in BAD_BODIES.values()],
             )
-            publisher.wait_published(publisher.published + 300)
+            publisher.wait_published(publisher.published + 200)
             publish_raw(
                 pipeline.broker.uri,
                 "internal",
@@ -125,7 +126,7 @@ def bad_input_run(
                 ],
             )
             raw_ids.write_text("".join(f"{RAW_PUBLISHER}\t{i}\n" for i in CORRELATION_CASES))
-            publisher.wait_published(publisher.published + 300)
+            publisher.wait_published(publisher.published + 200)
             wait_for(
                 lambda: len(dead_letters.snapshot()) >= len(BAD_BODIES),
                 timeout_s=60,

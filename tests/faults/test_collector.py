@@ -35,8 +35,8 @@ from tests.support.processes import processes
 
 pytestmark = pytest.mark.slow
 
-OUTAGE_MESSAGES = 2400
-"""Messages published while the collector is away (eight seconds at the steady rate)."""
+OUTAGE_MESSAGES = 1800
+"""Messages published while the collector is away (six seconds at the steady rate)."""
 
 MAX_QUEUE_SIZE = 1024
 """The span queue of each daemon in this scenario: small, so the outage overflows it."""
@@ -86,7 +86,7 @@ def outage_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> It
             daemons = {"processor": pipeline.processor, "persister": pipeline.persister}
             sampler = RssSampler({name: d.pid for name, d in daemons.items()}).start()
             with pipeline.publisher() as publisher:
-                publisher.wait_published(600)
+                publisher.wait_published(300)
                 before = {name: len(samples) for name, samples in sampler.samples.items()}
                 relay.down()
                 down_at = time.monotonic()
@@ -95,7 +95,7 @@ def outage_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> It
                 relay.up()
                 outage_s = time.monotonic() - down_at
                 returned_at = publisher.published
-                publisher.wait_published(returned_at + 900)
+                publisher.wait_published(returned_at + 600)
             samples = sampler.stop()
             audit = pipeline.settle_and_audit(publisher.published)
             # Spans of messages published a second after the return must all arrive.

@@ -69,6 +69,7 @@ def _disk_full_pipeline(procs: Any, root: Path, tmpfs: Tmpfs, otlp: str | None) 
                 "retry_max_delay_ms": 500,
             }
         },
+        export_from=("persister",),
     )
 
 
