@@ -70,6 +70,7 @@ class Daemon:
         self._reload = threading.Event()
         self._reload_callbacks: list[Callable[[], None]] = []
         self._signal_thread: threading.Thread | None = None
+        self._signals_closed = False
         self._old_mask: set[int | signal.Signals] | None = None
 
     # -- signals ---------------------------------------------------------------------
@@ -88,6 +89,8 @@ class Daemon:
     def _take_signals(self) -> None:
         while True:
             signum = signal.sigwait(_HANDLED)
+            if self._signals_closed:
+                return
             self.handle_signal(signum)
 
     def handle_signal(self, signum: int) -> None:
@@ -117,7 +120,15 @@ class Daemon:
         self.stop.set()
 
     def restore_signal_handling(self) -> None:
-        """Unblock the signals blocked by :meth:`install_signal_handling`."""
+        """End the signal thread and unblock the signals it took."""
+        thread = self._signal_thread
+        if thread is not None and thread.ident is not None:
+            self._signals_closed = True
+            # Wakes the thread's sigwait (SIGHUP is blocked there, so nothing
+            # else sees it); the flag makes it return without acting.
+            signal.pthread_kill(thread.ident, signal.SIGHUP)
+            thread.join(5)
+            self._signal_thread = None
         if self._old_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
             self._old_mask = None

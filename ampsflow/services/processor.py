@@ -51,7 +51,7 @@ from ampsflow.adapters.telemetry import (
 )
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform
-from ampsflow.errors import BadMessageError
+from ampsflow.errors import BadMessageError, StartupError
 from ampsflow.service import Daemon, run_daemon
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
         client.add_reconnect_listener(lambda: telemetry.instruments.reconnects.add(1))
         try:
             client.connect()
-            client.subscribe(section.input_topic)
+            try:
+                client.subscribe(section.input_topic)
+            except AmpsError as exc:
+                raise StartupError(str(exc)) from exc
             daemon.ready(
                 f"processing {section.input_topic} -> {section.output_topic} as {client.name}"
             )
