@@ -90,6 +90,8 @@ COMMANDS: Mapping[str, str] = {
 """Command spellings that share a handler (anything else keeps its own name)."""
 
 _decode = json.JSONDecoder().decode
+# A lone surrogate (JSON "\\ud800" from a client) has no UTF-8 form: it becomes "?".
+_UNENCODABLE = "replace"
 _SHORT_KEYS = frozenset(
     (
         *("c", "cid", "a", "t", "x", "s", "sub_id", "query_id", "filter", "o", "bm", "e", "k"),
@@ -221,7 +223,7 @@ def encode_header(fields: Iterable[tuple[str, str | int]]) -> bytes:
         last = key
     if last == "s":
         raise ValueError("'s' must not be the last header key")
-    return ("{" + ",".join(parts) + "}").encode("utf-8")
+    return ("{" + ",".join(parts) + "}").encode("utf-8", _UNENCODABLE)
 
 
 def frame(header: bytes, body: bytes = b"") -> bytes:
@@ -314,7 +316,7 @@ def delivery_tail(
         tail += f',"x":{json_string(correlation_id)}'
     if timestamp:
         tail += f',"ts":"{timestamp}"'
-    return tail.encode("utf-8")
+    return tail.encode("utf-8", _UNENCODABLE)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -324,7 +326,7 @@ def _topic_literal(topic: str) -> str:
 
 def sid_literal(sub_id: str) -> bytes:
     """Return ``sub_id`` escaped for use inside the ``sids`` string (no quotes)."""
-    return json_string(sub_id)[1:-1].encode("utf-8")
+    return json_string(sub_id)[1:-1].encode("utf-8", _UNENCODABLE)
 
 
 def delivery_header(sids: bytes, tail: bytes, *, empty_body: bool = False) -> bytes:

@@ -189,3 +189,30 @@ class TestServerHeaders:
     def test_timestamp_format(self):
         """Timestamps are YYYYMMDDTHHMMSS.ffffffZ in UTC."""
         assert protocol.format_timestamp(1704067200000001) == "20240101T000000.000001Z"
+
+
+_KEYS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=2, max_size=8)
+_VALUES = st.one_of(st.text(max_size=20), st.integers(min_value=0, max_value=2**64 - 1))
+
+
+class TestHeaderRoundTrip:
+    @given(st.dictionaries(_KEYS, _VALUES, max_size=6))
+    def test_encoded_header_parses_back(self, fields):
+        """Any flat header the broker writes is compact JSON and reads back unchanged."""
+        raw = protocol.encode_header(fields.items())
+        compact = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+        assert (fields, compact) == (protocol.parse_header(raw), raw)
+
+    @given(
+        st.text(
+            alphabet=st.characters(min_codepoint=0x20, blacklist_categories=("Cs",)),
+            max_size=30,
+        )
+    )
+    def test_printable_text_is_never_u_escaped(self, text):
+        """Printable text (any script) is written as raw UTF-8, never as \\u escapes."""
+        assert b"\\u" not in protocol.encode_header([("x", text)])
+
+    def test_lone_surrogate_is_replaced(self):
+        """A lone surrogate from a client's JSON is written as '?' instead of failing."""
+        assert {"x": "a?b"} == json.loads(protocol.encode_header([("x", "a\ud800b")]))
