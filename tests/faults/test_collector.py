@@ -41,7 +41,7 @@ OUTAGE_MESSAGES = 1800
 MAX_QUEUE_SIZE = 1024
 """The span queue of each daemon in this scenario: small, so the outage overflows it."""
 
-RSS_GROWTH_LIMIT_KIB = 64 * 1024
+RSS_GROWTH_LIMIT_KIB = 32 * 1024
 """How much a daemon's resident memory may grow during the outage."""
 
 DROP_WARNING = re.compile(r"telemetry lost (\d+) span\(s\) so far")

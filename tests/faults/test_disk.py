@@ -36,7 +36,7 @@ from tests.faults.harness import (
     start_pipeline,
 )
 from tests.support.phoenix import Phoenix, StoredSpan
-from tests.support.processes import processes, wait_for, write_config
+from tests.support.processes import Processes, processes, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def _mounted_tmpfs() -> Tmpfs:
     return tmpfs
 
 
-def _disk_full_pipeline(procs: Any, root: Path, tmpfs: Tmpfs, otlp: str | None) -> Pipeline:
+def _disk_full_pipeline(procs: Processes, root: Path, tmpfs: Tmpfs, otlp: str | None) -> Pipeline:
     return start_pipeline(
         procs,
         root,
