@@ -10,6 +10,8 @@ official client. Processes are started with :mod:`tests.support.processes`.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import http.server
 import json
 import os
 import selectors
@@ -497,6 +499,7 @@ def start_pipeline(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     start_services: bool = True,
     export_from: Collection[str] = ("processor", "persister"),
+    env: Mapping[str, str] | None = None,
 ) -> Pipeline:
     """Start a devbroker, then (unless ``start_services`` is false) processor and persister.
 
@@ -504,7 +507,7 @@ def start_pipeline(
     ``root``; spans go to ``otlp_endpoint`` (or nowhere), but only from the
     services named in ``export_from``: the others get ``telemetry.exporter:
     none``, which keeps the trace backend's ingest load down to what a
-    scenario reads back.
+    scenario reads back. ``env`` is added to both services' environment.
     """
     root.mkdir(parents=True, exist_ok=True)
     broker = processes.devbroker()
@@ -516,11 +519,13 @@ def start_pipeline(
     processor = processes.service(
         "processor",
         config_path if "processor" in export_from else silent,
+        env=env,
         start=start_services,
     )
     persister = processes.service(
         "persister",
         config_path if "persister" in export_from else silent,
+        env=env,
         start=start_services,
     )
     return Pipeline(
@@ -659,3 +664,87 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         return self.samples
+
+
+class MetricsCapture:
+    """An OTLP/HTTP metrics endpoint that keeps the latest value of every sum data point.
+
+    Point a daemon at it with ``OTEL_METRICS_EXPORTER=otlp`` and
+    ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=`` :attr:`endpoint`; :meth:`total`
+    then reads a counter the way a metrics backend would.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        self._lock = threading.Lock()
+        capture = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                if self.headers.get("Content-Encoding", "") == "gzip":
+                    body = gzip.decompress(body)
+                capture.record(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        """The full metrics URL (``.../v1/metrics``)."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1/metrics"
+
+    def record(self, body: bytes) -> None:
+        """Remember the sum data points of one OTLP metrics export request."""
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # noqa: PLC0415
+            ExportMetricsServiceRequest,
+        )
+
+        request = ExportMetricsServiceRequest()
+        request.ParseFromString(body)
+        found: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        for resource_metrics in request.resource_metrics:
+            service = next(
+                (
+                    a.value.string_value
+                    for a in resource_metrics.resource.attributes
+                    if a.key == "service.name"
+                ),
+                "",
+            )
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if not metric.HasField("sum"):
+                        continue
+                    for point in metric.sum.data_points:
+                        attrs = tuple(
+                            sorted((a.key, str(a.value.string_value)) for a in point.attributes)
+                        )
+                        value = (
+                            point.as_int
+                            if point.WhichOneof("value") == "as_int"
+                            else point.as_double
+                        )
+                        found[(service, metric.name, attrs)] = float(value)
+        with self._lock:
+            self._latest.update(found)
+
+    def total(self, service: str, metric: str) -> float:
+        """The latest cumulative value of a counter, summed over its attribute sets."""
+        with self._lock:
+            return sum(v for (s, m, _), v in self._latest.items() if (s, m) == (service, metric))
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()

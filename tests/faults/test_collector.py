@@ -3,13 +3,15 @@
 The daemons export through a relay in front of Phoenix; switching the relay
 off makes the collector's port refuse connections, switching it on again
 restores it. With a deliberately small span queue the daemons must drop spans
-(counted, and reported by a rate-limited warning) instead of stalling the
+(counted by ``ampsflow.telemetry.spans.dropped``, read from a metrics capture
+endpoint that stays up, and reported by a rate-limited warning) instead of stalling the
 pipeline or growing without bound; messages keep flowing (the audit is clean);
 and once the collector is back, the spans of new messages arrive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import urllib.parse
@@ -21,6 +23,7 @@ import pytest
 
 from tests.faults.harness import (
     AuditResult,
+    MetricsCapture,
     RssSampler,
     TcpRelay,
     audit_details,
@@ -31,7 +34,7 @@ from tests.faults.harness import (
     wait_for_span_ids,
 )
 from tests.support.phoenix import Phoenix
-from tests.support.processes import processes
+from tests.support.processes import processes, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +48,8 @@ RSS_GROWTH_LIMIT_KIB = 32 * 1024
 """How much a daemon's resident memory may grow during the outage."""
 
 DROP_WARNING = re.compile(r"telemetry lost (\d+) span\(s\) so far")
+
+DROP_COUNTER = "ampsflow.telemetry.spans.dropped"
 
 DAEMONS = ("processor", "persister")
 
@@ -60,6 +65,7 @@ class OutageRun:
     rss_peak_during_kib: dict[str, int]
     missing_after_return: set[str]
     checked_after_return: int
+    dropped_counted: dict[str, float]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +74,7 @@ def outage_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> It
     root = tmp_path_factory.mktemp("collector")
     tap = urllib.parse.urlsplit(phoenix.endpoint)
     relay = TcpRelay((tap.hostname or "127.0.0.1", tap.port or 80))
+    metrics = MetricsCapture()
     try:
         with processes(root) as procs:
             pipeline = start_pipeline(
@@ -79,7 +86,14 @@ def outage_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> It
                         "max_queue_size": MAX_QUEUE_SIZE,
                         "max_export_batch_size": 256,
                         "export_timeout_ms": 1000,
+                        "metrics_interval_ms": 1000,
                     }
+                },
+                # Metrics go to their own capture endpoint, which stays up, so the
+                # drop counter can be read while the trace collector is away.
+                env={
+                    "OTEL_METRICS_EXPORTER": "otlp",
+                    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": metrics.endpoint,
                 },
             )
             since = datetime.now(UTC)
@@ -97,6 +111,14 @@ def outage_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> It
                 returned_at = publisher.published
                 publisher.wait_published(returned_at + 600)
             samples = sampler.stop()
+            dropped: dict[str, float] = {}
+
+            def drops_counted() -> bool:
+                dropped.update({name: metrics.total(name, DROP_COUNTER) for name in DAEMONS})
+                return all(dropped.values())
+
+            with contextlib.suppress(AssertionError):
+                wait_for(drops_counted, timeout_s=30, what="the span drop counters")
             audit = pipeline.settle_and_audit(publisher.published)
             # Spans of messages published a second after the return must all arrive.
             late = [
@@ -117,16 +139,18 @@ def outage_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> It
                 },
                 missing_after_return=missing,
                 checked_after_return=len(late),
+                dropped_counted=dropped,
             )
             print(
                 f"collector outage {run.outage_s:.1f}s; RSS KiB before {run.rss_before_kib}, "
-                f"peak during {run.rss_peak_during_kib}; drop warnings "
+                f"peak during {run.rss_peak_during_kib}; dropped {run.dropped_counted}; warnings "
                 f"{ {n: DROP_WARNING.findall(t) for n, t in run.logs.items()} }; "
                 f"log lines { {n: len(t.splitlines()) for n, t in run.logs.items()} }"
             )
             yield run
     finally:
         relay.close()
+        metrics.close()
 
 
 class TestCollectorOutage:
@@ -135,6 +159,11 @@ class TestCollectorOutage:
     def test_every_message_is_persisted_once_in_order(self, outage_run: OutageRun) -> None:
         """The audit is clean: the outage did not stall or lose any message."""
         assert clean_audit() == audit_summary(outage_run.audit), audit_details(outage_run.audit)
+
+    @pytest.mark.parametrize("daemon", DAEMONS)
+    def test_dropped_spans_are_counted(self, outage_run: OutageRun, daemon: str) -> None:
+        """The ampsflow.telemetry.spans.dropped counter of each daemon counts the lost spans."""
+        assert outage_run.dropped_counted[daemon] > 0, outage_run.dropped_counted
 
     @pytest.mark.parametrize("daemon", DAEMONS)
     def test_dropped_spans_are_reported_by_a_rate_limited_warning(
