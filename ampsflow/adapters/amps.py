@@ -203,7 +203,11 @@ class _Chooser:
     def report_failure(self, exception: Exception, info: dict[str, str]) -> None:
         uri = _redact(self._uris[self._index])
         self._error = f"{uri}: {exception}"
-        self._client.report(f"cannot reach AMPS at {uri}: {exception}; retrying", failed=True)
+        if isinstance(exception, AMPS.AuthenticationException):
+            self._client.authentication_failed(f"{uri}: {exception}")
+            self._client.report(f"AMPS at {uri} refused the logon: {exception}", failed=True)
+        else:
+            self._client.report(f"cannot reach AMPS at {uri}: {exception}; retrying", failed=True)
         self._index = (self._index + 1) % len(self._uris)
 
     def report_success(self, info: dict[str, str]) -> None:
@@ -252,6 +256,7 @@ class AmpsClient:
         self._on_status = on_status
         self._connected_once = False
         self._connected = False
+        self._auth_failure: str | None = None
         self._reconnects = 0
         self._on_reconnect: list[Callable[[], None]] = []
         self._queue: queue.Queue[Received] = queue.Queue(maxsize=queue_size)
@@ -290,8 +295,19 @@ class AmpsClient:
     # -- connection -------------------------------------------------------------------
 
     def giving_up(self) -> bool:
-        """Whether connection attempts should stop (closing, or stopped before connecting)."""
-        return self._closing.is_set() or (self._stop.is_set() and not self._connected_once)
+        """Whether connection attempts should stop.
+
+        True when closing, or before the first connection when stopping or when
+        the broker refused the credentials (an operator error, not an outage).
+        """
+        return self._closing.is_set() or (
+            not self._connected_once and (self._stop.is_set() or self._auth_failure is not None)
+        )
+
+    def authentication_failed(self, detail: str) -> None:
+        """The broker refused the logon; before the first connection this ends the attempts."""
+        if not self._connected_once:
+            self._auth_failure = detail
 
     def _wait_event(self) -> threading.Event | None:
         return self._stop if not self._connected_once else self._closing
@@ -332,7 +348,7 @@ class AmpsClient:
             self._connected = True
         elif self._connected:
             self._connected = False
-            if not self._closing.is_set():
+            if self._connected_once and not self._closing.is_set():
                 self.report("disconnected from AMPS; reconnecting", failed=True)
 
     def _on_failed_write(self, message: Any, reason: str) -> None:
@@ -354,6 +370,10 @@ class AmpsClient:
         except AMPS.AuthenticationException as exc:
             raise StartupError(f"AMPS refused the logon of {self.name}: {exc}") from exc
         except AMPS.AMPSException as exc:
+            if self._auth_failure is not None:
+                raise StartupError(
+                    f"AMPS refused the logon of {self.name} at {self._auth_failure}"
+                ) from exc
             if self.giving_up():
                 raise StartupError("stopped before connecting to AMPS") from exc
             raise StartupError(f"cannot connect to AMPS: {exc}") from exc

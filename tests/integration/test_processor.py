@@ -18,6 +18,7 @@ import AMPS
 import pytest
 
 from ampsflow.core.codec import TraceParent, decode_correlation_id, encode_correlation_id
+from ampsflow.devbroker.auth import hash_password
 from tests.support.processes import (
     REPO,
     Daemon,
@@ -384,3 +385,41 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+class TestAuthentication:
+    @pytest.fixture
+    def secured(self, processes: Processes, tmp_path: Path) -> Devbroker:
+        users = tmp_path / "users"
+        users.write_text(f"alice:{hash_password('s3cret', iterations=1000)}\n")
+        return processes.devbroker("secured", users_file=users)
+
+    def config_with(self, tmp_path: Path, broker: Devbroker, password: str) -> Path:
+        secret = tmp_path / f"password-{password}"
+        secret.write_text(password + "\n")
+        amps = {"user": "alice", "password_file": str(secret)}
+        return write_config(
+            tmp_path / f"auth-{password}.yaml",
+            pipeline_config(tmp_path, broker, overrides={"amps": amps}),
+        )
+
+    def test_password_file_logs_on(
+        self, processes: Processes, tmp_path: Path, secured: Devbroker
+    ) -> None:
+        """With the right password from amps.password_file the processor becomes ready."""
+        daemon = processes.service("processor", self.config_with(tmp_path, secured, "s3cret"))
+        assert ["1"] == daemon.notify.values("READY")
+
+    def test_refused_logon_is_a_startup_failure(
+        self, processes: Processes, tmp_path: Path, secured: Devbroker
+    ) -> None:
+        """A refused logon exits 1 with one clear line instead of retrying forever."""
+        daemon = processes.service(
+            "processor", self.config_with(tmp_path, secured, "wrong"), start=False
+        )
+        with pytest.raises(AssertionError, match="exited with 1"):
+            daemon.start()
+        assert any(
+            line.startswith("ampsflow processor: AMPS refused the logon")
+            for line in daemon.log_text().splitlines()
+        )

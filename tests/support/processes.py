@@ -265,10 +265,11 @@ class Daemon:
 class Devbroker(Daemon):
     """``ampsflow devbroker`` on two free loopback ports with a data directory."""
 
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, users_file: Path | None = None) -> None:
         self.tcp_port = free_port()
         self.ws_port = free_port()
         self.data_dir = data_dir
+        users = ["--users-file", str(users_file)] if users_file is not None else []
         super().__init__(
             "devbroker",
             [
@@ -279,6 +280,7 @@ class Devbroker(Daemon):
                 f"127.0.0.1:{self.ws_port}",
                 "--data-dir",
                 str(data_dir),
+                *users,
             ],
             log_path,
             ready_port=self.tcp_port,
@@ -339,9 +341,10 @@ class Processes:
         self.root = root
         self._daemons: list[Daemon] = []
 
-    def devbroker(self, name: str = "devbroker") -> Devbroker:
-        """A started devbroker with its data under ``root/name``."""
-        broker = Devbroker(self.root / name, self.root / f"{name}.log")
+    def devbroker(self, name: str = "devbroker", *, users_file: Path | None = None) -> Devbroker:
+        """A started devbroker with its data under ``root/name`` (logons checked
+        against ``users_file`` when given)."""
+        broker = Devbroker(self.root / name, self.root / f"{name}.log", users_file)
         self._daemons.append(broker)
         broker.start()
         return broker
