@@ -455,6 +455,9 @@ def assert_reload_keeps_running(box: Container, python: str, message_id: str) ->
 def assert_stop_is_clean(box: Container) -> None:
     """Stopping the target stops all four services, each exiting 0."""
     box.run("systemctl", "stop", "ampsflow.target")
+    # The stop jobs propagated through PartOf= are not waited for by systemctl.
+    for unit in SERVICES:
+        wait_for(f"{unit} stopped", lambda unit=unit: box.active(unit) == "inactive")
     expected = {unit: ("inactive", "success") for unit in SERVICES}
     assert expected == {unit: (box.active(unit), box.show(unit, "Result")) for unit in SERVICES}
 
@@ -519,9 +522,8 @@ class TestDebianPackage:
 
         # Remove stops everything and keeps the data; purge removes it.
         box.run("apt-get", "remove", "-y", "-q", "ampsflow")
-        assert {unit: "inactive" for unit in SERVICES} == {
-            unit: box.active(unit) for unit in SERVICES
-        }
+        for unit in SERVICES:
+            wait_for(f"{unit} stopped by remove", lambda unit=unit: box.active(unit) == "inactive")
         assert {"deb-1", "deb-2", "deb-3"} <= set(persisted(box))
         box.run("apt-get", "purge", "-y", "-q", "ampsflow")
         leftovers = box.run(
