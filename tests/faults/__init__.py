@@ -1,1 +1,1 @@
-"""Fault injection, bad input and shutdown scenarios for the whole pipeline (docs/RELIABILITY.md)."""
+"""Fault injection, bad input and shutdown scenarios (see docs/RELIABILITY.md)."""
