@@ -76,6 +76,8 @@ class Processor:
         source: Where messages come from (and are discarded once finished).
         sink: Where outputs and dead letters are published.
         stop: Ends publish retries (the message stays unfinished).
+        daemon: When given, publish retries keep pinging its watchdog (the loop
+            is waiting on purpose, not wedged) and report ``STATUS=``.
     """
 
     def __init__(
@@ -85,8 +87,11 @@ class Processor:
         source: MessageSource,
         sink: MessageSink,
         stop: threading.Event,
+        *,
+        daemon: Daemon | None = None,
     ) -> None:
         self._config = config
+        self._daemon = daemon
         self._tracer = telemetry.tracer
         self._instruments = telemetry.instruments
         self._source = source
@@ -244,6 +249,9 @@ class Processor:
                 failure,
                 delay,
             )
+            if self._daemon is not None:
+                self._daemon.status(f"cannot store publishes to {topic}: {failure}; retrying")
+                self._daemon.watchdog()
             if self._stop.wait(delay):
                 logger.warning(
                     "stopping with a publish to %s not stored; it is redone at restart", topic
@@ -275,7 +283,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
             daemon.ready(
                 f"processing {section.input_topic} -> {section.output_topic} as {client.name}"
             )
-            processor = Processor(section, telemetry, client, client, daemon.stop)
+            processor = Processor(section, telemetry, client, client, daemon.stop, daemon=daemon)
             processor.run(daemon)
             logger.info(
                 "draining: %d processed, %d rejected; %d publish(es) awaiting the broker",

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
+from ampsflow.adapters.systemd import Notifier
 from ampsflow.config import ProcessorConfig
 from ampsflow.core.codec import decode_correlation_id
+from ampsflow.service import Daemon
 from ampsflow.services.processor import PROCESS_SPAN, SEND_SPAN, Processor
 from ampsflow.testing import FakeAmps, InMemoryTelemetry, in_memory_telemetry
 
@@ -222,3 +224,27 @@ class TestPublishFailure:
         amps.fail_publish.append("store full")
         assert not handle(make(memory, amps, stop), amps, "{}")
         assert amps.discarded == []
+
+    def test_retry_reports_status(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
+        """While a publish is retried the daemon's STATUS says so."""
+        notifier = RecordingNotifier()
+        daemon = Daemon("processor", notifier=notifier)
+        processor = Processor(
+            ProcessorConfig(), memory.telemetry, amps, amps, daemon.stop, daemon=daemon
+        )
+        amps.fail_publish.append("store full")
+        handle(processor, amps, "{}")
+        assert ["STATUS=cannot store publishes to external: store full; retrying"] == [
+            m for m in notifier.sent if m.startswith("STATUS=")
+        ]
+
+
+class RecordingNotifier(Notifier):
+    """A notifier that records what it would send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    def _send(self, message: str) -> None:
+        self.sent.append(message)
