@@ -294,7 +294,7 @@ class TestWebSocketBadInput:
 
 class TestRetention:
     def test_retention_bounds_the_log_and_replay_starts_at_oldest(self, start_broker, monkeypatch):
-        """Old segments are deleted while serving; replay from 0 starts at the oldest kept."""
+        """Old segments are deleted while serving; replay from 0 is the retained suffix."""
         monkeypatch.setattr(server, "RETENTION_INTERVAL_S", 0.2)
         broker = start_broker(segment_bytes=8 * 1024, retention_bytes=32 * 1024)
         client = AMPS.Client("retained")
@@ -307,12 +307,13 @@ class TestRetention:
             wait_until(
                 lambda: broker.call(lambda: broker.broker.log.first_position) > 1, "retention"
             )
-            oldest = broker.call(lambda: broker.broker.log.first_position)
             got: list[int] = []
             client.bookmark_subscribe(
                 lambda m: got.append(json.loads(m.get_data())["n"]), "kept", "0"
             )
-            wait_until(lambda: len(got) >= 2001 - oldest, "the retained messages")
+            wait_until(lambda: bool(got) and got[-1] == 2000, "the retained messages")
         finally:
             client.close()
-        assert list(range(oldest, 2001)) == got
+        # A retention pass may still run after the first one seen: the replay is then a
+        # shorter suffix, but always contiguous, in order, and without the oldest messages.
+        assert (True, list(range(got[0], 2001))) == (got[0] > 1, got)
