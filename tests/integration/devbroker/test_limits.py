@@ -294,7 +294,7 @@ class TestWebSocketBadInput:
 
 class TestRetention:
     def test_retention_bounds_the_log_and_replay_starts_at_oldest(self, start_broker, monkeypatch):
-        """Old segments are deleted while serving; replay from 0 is the retained suffix."""
+        """Old segments are deleted while serving; replay from 0 skips them, in order."""
         monkeypatch.setattr(server, "RETENTION_INTERVAL_S", 0.2)
         broker = start_broker(segment_bytes=8 * 1024, retention_bytes=32 * 1024)
         client = AMPS.Client("retained")
@@ -314,6 +314,7 @@ class TestRetention:
             wait_until(lambda: bool(got) and got[-1] == 2000, "the retained messages")
         finally:
             client.close()
-        # A retention pass may still run after the first one seen: the replay is then a
-        # shorter suffix, but always contiguous, in order, and without the oldest messages.
-        assert (True, list(range(got[0], 2001))) == (got[0] > 1, got)
+        # A retention pass may still run during the replay (it then resumes at the new
+        # oldest message), so only order, uniqueness and the end are certain here; gaps are
+        # covered by the replay tests without retention.
+        assert (True, True, 2000) == (got[0] > 1, got == sorted(set(got)), got[-1])
