@@ -37,9 +37,9 @@ spans expected (``process-message`` and ``send-message`` per sampled message in 
 processor, ``persist-message`` in the persister). Metric export is off in every mode
 (``OTEL_METRICS_EXPORTER=none``) so that the comparison isolates tracing.
 
-``--profile DIR`` also records ``py-spy`` profiles of the three daemons during each
-throughput phase (collapsed stacks, plus a summary of the functions with the largest
-share of samples).
+``--profile DIR`` also records ``py-spy`` profiles (``--gil``: samples of the thread
+holding the GIL, i.e. Python CPU) of the three daemons during each throughput phase:
+collapsed stacks in DIR, and a summary of the functions with the largest share.
 
 Usage (from the repository root)::
 
@@ -64,6 +64,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,7 @@ MESSAGE_BYTES = 200
 
 _ID = re.compile(rb'"id":\s*"([^"]*)"')
 _SENT = re.compile(rb'"sent_ns":\s*(\d+)')
+_PERSISTED_AT = re.compile(rb'"persisted_at":\s*"([^"]*)"')
 
 
 @dataclass(frozen=True)
@@ -143,13 +145,13 @@ def mark(message_id: str, sent_ns: int, cid: str) -> str:
 
 
 def tail_reader(path: str, stop: Any, count: Any, results: Any) -> None:
-    """Tail the JSONL file; record (id, sent_ns, seen_ns) of every line."""
+    """Tail the JSONL file; record (id, sent_ns, seen_ns, persisted_at) of every line."""
     while not os.path.exists(path):
         if stop.is_set():
             results.put([])
             return
         time.sleep(0.01)
-    seen: list[tuple[bytes, int, int]] = []
+    seen: list[tuple[bytes, int, int, bytes]] = []
     pending = b""
     with open(path, "rb") as f:
         while True:
@@ -165,8 +167,14 @@ def tail_reader(path: str, stop: Any, count: Any, results: Any) -> None:
             for line in lines:
                 ident = _ID.search(line)
                 sent = _SENT.search(line)
+                at = _PERSISTED_AT.search(line)
                 seen.append(
-                    (ident.group(1) if ident else b"", int(sent.group(1)) if sent else 0, now)
+                    (
+                        ident.group(1) if ident else b"",
+                        int(sent.group(1)) if sent else 0,
+                        now,
+                        at.group(1) if at else b"",
+                    )
                 )
             with count.get_lock():
                 count.value += len(lines)
@@ -252,6 +260,9 @@ class Profiler:
                         "--format",
                         "raw",
                         "--nonblocking",
+                        # Only the thread holding the GIL: the CPU of Python code, without
+                        # the samples of threads that merely wait for the GIL.
+                        "--gil",
                         "--output",
                         str(path),
                     ],
@@ -305,6 +316,26 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values) + 0.5) - 1))
     return sorted_values[index]
+
+
+def timestamp_ns(text: str) -> int:
+    """Nanoseconds since the epoch of an RFC 3339 UTC timestamp (``...Z``)."""
+    if not text:
+        return 0
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+def distribution(values_ns: list[int]) -> dict[str, float | None]:
+    """p50/p99/p99.9/max/mean in milliseconds."""
+    lat = sorted(v / 1e6 for v in values_ns)
+    return {
+        "p50": round(percentile(lat, 0.50), 2),
+        "p99": round(percentile(lat, 0.99), 2),
+        "p99.9": round(percentile(lat, 0.999), 2),
+        "max": round(lat[-1], 2) if lat else None,
+        "mean": round(statistics.fmean(lat), 2) if lat else None,
+    }
 
 
 def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -> dict[str, Any]:
@@ -392,7 +423,7 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
                 status = daemons[name].terminate()
                 result[f"{name}_exit"] = status
             stop.set()
-            seen: list[tuple[bytes, int, int]] = results.get(timeout=120)
+            seen: list[tuple[bytes, int, int, bytes]] = results.get(timeout=120)
             reader.join(30)
         result["log_problems"] = {
             name: [
@@ -404,7 +435,7 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
         }
 
     # -- loss check --------------------------------------------------------------
-    ids = Counter(ident.decode() for ident, _, _ in seen)
+    ids = Counter(ident.decode() for ident, _, _, _ in seen)
     published = publisher.ids
     missing = [i for i in published if ids[i] == 0]
     duplicates = [i for i, c in ids.items() if c > 1]
@@ -420,9 +451,11 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
         # Each sampled mark makes one span of each kind; the rest are not recorded.
         result["sampled_marks"] = publisher.sampled
     # -- per phase figures ------------------------------------------------------------
-    by_phase: dict[str, list[tuple[int, int]]] = {}
-    for ident, sent, seen_ns in seen:
-        by_phase.setdefault(ident.decode().rsplit("-", 1)[0], []).append((sent, seen_ns))
+    by_phase: dict[str, list[tuple[int, int, int]]] = {}
+    for ident, sent, seen_ns, at in seen:
+        by_phase.setdefault(ident.decode().rsplit("-", 1)[0], []).append(
+            (sent, seen_ns, timestamp_ns(at.decode()))
+        )
     result["phases"] = []
     for phase in phases:
         rows = by_phase.get(phase.name, [])
@@ -437,16 +470,14 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
             },
         }
         if phase.offered_rate is not None:
-            lat = sorted((seen_ns - sent) / 1e6 for sent, seen_ns in rows)
-            entry["latency_ms"] = {
-                "p50": round(percentile(lat, 0.50), 2),
-                "p99": round(percentile(lat, 0.99), 2),
-                "p99.9": round(percentile(lat, 0.999), 2),
-                "max": round(lat[-1], 2) if lat else None,
-                "mean": round(statistics.fmean(lat), 2) if lat else None,
-            }
+            entry["latency_ms"] = distribution([seen_ns - sent for sent, seen_ns, _ in rows])
+            # Where the time went: up to the persister taking the message (its
+            # persisted_at, stamped when the line is built), then batching, write
+            # and fdatasync until the line is in the file.
+            entry["to_persister_ms"] = distribution([at - sent for sent, _, at in rows])
+            entry["in_persister_ms"] = distribution([seen_ns - at for _, seen_ns, at in rows])
         else:
-            times = sorted(seen_ns for _, seen_ns in rows)
+            times = sorted(seen_ns for _, seen_ns, _ in rows)
             last = times[-1] if times else phase.first_publish_ns
             entry["throughput"] = round(len(rows) / ((last - phase.first_publish_ns) / 1e9))
             tenth = times[len(times) // 10] if times else last
@@ -497,6 +528,17 @@ def print_tables(results: list[dict[str, Any]]) -> None:
                 f"{lat.get('p99', '')} | {lat.get('p99.9', '')} | {cpu['devbroker']} | "
                 f"{cpu['processor']} | {cpu['persister']} |"
             )
+    print()
+    print("| mode | phase | to persister p50 / p99 ms | in persister p50 / p99 ms |")
+    print("|---|---|---|---|")
+    for result in results:
+        for p in result["phases"]:
+            if "to_persister_ms" in p:
+                a, b = p["to_persister_ms"], p["in_persister_ms"]
+                print(
+                    f"| {result['label']} | {p['phase']} | {a['p50']} / {a['p99']} | "
+                    f"{b['p50']} / {b['p99']} |"
+                )
     print()
     print("| mode | published | lines | missing | duplicates | spans received |")
     print("|---|---|---|---|---|---|")
