@@ -284,13 +284,62 @@ class Profiler:
                 proc.wait()
 
 
+ACTIVITIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("OTLP export thread (encode + POST)", ("BatchProcessor.worker",)),
+    ("AMPS client callback -> queue", ("AmpsClient._on_message",)),
+    ("metrics", ("Counter.add", "Histogram.record", "metric_attributes")),
+    (
+        "span start/end/attributes",
+        (
+            "start_as_current_span",
+            "Tracer.start_span",
+            "Span.end",
+            "Span.add_event",
+            "Span.set_attribute",
+            "_GeneratorContextManager.__exit__",
+            "_AgnosticContextManager.__exit__",
+            "record_failure",
+            "messaging_attributes",
+        ),
+    ),
+    (
+        "CorrelationId decode/encode",
+        ("extract_context", "correlation_id_of", "encode_correlation_id"),
+    ),
+    (
+        "JSON parse/build/serialise",
+        ("parse_body", "serialise", "mark_processed", "build_line", "loads", "dumps"),
+    ),
+    ("AMPS publish/discard", ("AmpsClient.publish", "AmpsClient.discard")),
+    ("JSONL write + fdatasync", ("JsonlSink.commit",)),
+    ("AMPS receive (queue get)", ("AmpsClient.receive",)),
+    (
+        "provenance, timestamp, dedupe",
+        ("format_timestamp", "dedupe_key", "JsonlSink.contains", "Provenance"),
+    ),
+    ("devbroker transaction log", ("TransactionLog.",)),
+)
+"""Activities a sample is counted under: the first one (from the outermost frame in)
+whose pattern is in a frame's name."""
+
+
+def activity_of(frames: list[str]) -> str:
+    """The activity of one stack (outermost frame first)."""
+    for frame in frames:
+        for name, patterns in ACTIVITIES:
+            if any(p in frame for p in patterns):
+                return name
+    return "other"
+
+
 def summarise_profile(path: Path, top: int = 12) -> dict[str, Any]:
     """Self and inclusive shares of samples per function in a collapsed-stack file."""
+    activities: Counter[str] = Counter()
     self_counts: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
     if not path.exists():
-        return {"samples": 0, "self": [], "inclusive": []}
+        return {"samples": 0, "activities": [], "self": [], "inclusive": []}
     for raw in path.read_text().splitlines():
         stack, _, count_text = raw.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -300,11 +349,15 @@ def summarise_profile(path: Path, top: int = 12) -> dict[str, Any]:
         if not frames:
             continue
         total += count
+        activities[activity_of(frames)] += count
         self_counts[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
+    if not total:
+        return {"samples": 0, "activities": [], "self": [], "inclusive": []}
     return {
         "samples": total,
+        "activities": [(a, round(100 * c / total, 1)) for a, c in activities.most_common()],
         "self": [(f, round(100 * c / total, 1)) for f, c in self_counts.most_common(top)],
         "inclusive": [(f, round(100 * c / total, 1)) for f, c in inclusive.most_common(top * 3)],
     }
@@ -550,7 +603,10 @@ def print_tables(results: list[dict[str, Any]]) -> None:
         )
     for r in results:
         for name, summary in r.get("profile", {}).items():
-            print(f"\nprofile {r['label']} {name}: {summary['samples']} samples; top self:")
+            print(f"\nprofile {r['label']} {name}: {summary['samples']} samples (GIL held)")
+            for activity, share in summary["activities"]:
+                print(f"  {share:5.1f}%  {activity}")
+            print("  top self:")
             for frame, share in summary["self"]:
                 print(f"  {share:5.1f}%  {frame}")
 
