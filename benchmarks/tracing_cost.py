@@ -24,15 +24,23 @@ HTTP posts are counted), from the first message until the batch processor has
 flushed every span of the case. ``added`` is the traced CPU per message minus the
 untraced one; each case runs ``--repeat`` times and the median is reported.
 
+``--what-if`` also measures both paths (every span sampled) with each change proposed
+in BENCHMARKS.md applied by patching for the length of a case: GC tuned
+(``gc.freeze()`` after start, young collections every 50,000 allocations), no
+``send-message`` span, no link from ``process-message`` to its parent, no ``fsync``
+event on ``persist-message``, and all of them together.
+
 Usage (from the repository root)::
 
-    python benchmarks/tracing_cost.py [--messages 20000] [--repeat 3] [--json PATH]
+    python benchmarks/tracing_cost.py [--messages 20000] [--repeat 3] [--what-if] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import gc
 import json
 import os
 import random
@@ -41,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.trace import Span as SdkSpan  # noqa: E402
 from opentelemetry.trace import SpanKind  # noqa: E402
 
 from ampsflow.adapters.sink import JsonlSink  # noqa: E402
@@ -57,10 +66,12 @@ from ampsflow.adapters.telemetry import (  # noqa: E402
     correlation_id_of,
     extract_context,
     messaging_attributes,
+    metric_attributes,
     setup_telemetry,
 )
 from ampsflow.config import ProcessorConfig, TelemetryConfig  # noqa: E402
 from ampsflow.service import Daemon  # noqa: E402
+from ampsflow.services import processor as processor_module  # noqa: E402
 from ampsflow.services.persister import Persister  # noqa: E402
 from ampsflow.services.processor import Processor  # noqa: E402
 from ampsflow.testing import FakeAmps  # noqa: E402
@@ -195,6 +206,107 @@ def persister(tm: Telemetry, outputs: FakeAmps, directory: Path, run: int) -> Sa
     return sample
 
 
+# -- what-if: the proposed changes, applied by patching for the length of a case -----
+
+
+@contextlib.contextmanager
+def gc_tuned() -> Iterator[None]:
+    """Startup objects frozen out of collections; young collections every 50,000 allocations."""
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def without_send_span() -> Iterator[None]:
+    """The processor publishes inside ``process-message``, without a ``send-message`` span."""
+    original = Processor._publish
+
+    def publish(self: Processor, topic: str, body: bytes, correlation_id: str | None) -> bool:
+        self._sink.publish(topic, body, correlation_id)
+        self._instruments.sent.add(1, metric_attributes(topic, "send"))
+        return True
+
+    Processor._publish = publish  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Processor._publish = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def without_parent_link() -> Iterator[None]:
+    """``process-message`` is the child of the CorrelationId's span, without also linking it."""
+    names = vars(processor_module)
+    original = names["Link"]
+    names["Link"] = lambda context: None
+    try:
+        yield
+    finally:
+        names["Link"] = original
+
+
+@contextlib.contextmanager
+def without_fsync_event() -> Iterator[None]:
+    """``persist-message`` without its ``fsync`` event (the end time already marks it)."""
+    original = SdkSpan.add_event
+    SdkSpan.add_event = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SdkSpan.add_event = original  # type: ignore[method-assign]
+
+
+WHAT_IF: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "as is": contextlib.nullcontext,
+    "GC tuned": gc_tuned,
+    "no send-message span": without_send_span,
+    "no link to the parent": without_parent_link,
+    "no fsync event": without_fsync_event,
+}
+
+
+def what_if(endpoint: str, n: int, repeat: int, directory: Path) -> dict[str, dict[str, float]]:
+    """CPU per message of both paths, every span sampled, under each proposed change."""
+    proc_tm = telemetry(endpoint, 1.0, "processor")
+    pers_tm = telemetry(endpoint, 1.0, "persister")
+    combos: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+        **WHAT_IF,
+        "all of these": functools.partial(_all_of, list(WHAT_IF.values())),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for run in range(repeat):
+        for name, change in combos.items():
+            with change():
+                proc_sample, outputs = processor(proc_tm, n, 1.0)
+                pers_sample = persister(pers_tm, outputs, directory, run)
+            samples.setdefault(name, []).append((proc_sample.cpu_us, pers_sample.cpu_us))
+    proc_tm.shutdown()
+    pers_tm.shutdown()
+    return {
+        name: {
+            "processor_cpu_us": round(statistics.median(p for p, _ in values), 1),
+            "persister_cpu_us": round(statistics.median(q for _, q in values), 1),
+        }
+        for name, values in samples.items()
+    }
+
+
+@contextlib.contextmanager
+def _all_of(
+    changes: Iterable[Callable[[], contextlib.AbstractContextManager[None]]],
+) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for change in changes:
+            stack.enter_context(change())
+        yield
+
+
 def median(samples: list[Sample]) -> dict[str, float]:
     return {
         "cpu_us": round(statistics.median(s.cpu_us for s in samples), 1),
@@ -208,6 +320,11 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--what-if",
+        action="store_true",
+        help="also measure the proposed changes (BENCHMARKS.md), applied by patching",
+    )
     args = parser.parse_args()
     n = args.messages
     results: dict[str, dict[str, float]] = {}
@@ -244,6 +361,7 @@ def main() -> int:
                 )
             print(f"run {run + 1}/{args.repeat} done", flush=True)
         spans = sink.spans()["spans"]
+        whatif = what_if(sink.endpoint, n, args.repeat, Path(tmp)) if args.what_if else {}
         for tm in (traced_proc, ratio_proc, off_proc, traced_pers, ratio_pers, off_pers):
             tm.shutdown()
         losses = {
@@ -271,6 +389,17 @@ def main() -> int:
             f"{added_text} | {in_spans} |"
         )
     print(f"\nspans received: {spans}; dropped by the SDK: {losses}")
+    if whatif:
+        base = whatif["as is"]
+        print("\n| every span sampled, with | processor CPU µs/msg | persister CPU µs/msg |")
+        print("|---|---|---|")
+        for name, r in whatif.items():
+            dp = r["processor_cpu_us"] - base["processor_cpu_us"]
+            dq = r["persister_cpu_us"] - base["persister_cpu_us"]
+            print(
+                f"| {name} | {r['processor_cpu_us']} ({dp:+.1f}) | "
+                f"{r['persister_cpu_us']} ({dq:+.1f}) |"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
@@ -282,6 +411,7 @@ def main() -> int:
                     "results": results,
                     "spans": spans,
                     "dropped": losses,
+                    "what_if": whatif,
                 },
                 indent=2,
             )
