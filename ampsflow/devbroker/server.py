@@ -126,6 +126,22 @@ class Broker:
         """The WebSocket listener's bound port (useful when configured as 0)."""
         return self._ws_port
 
+    def reload_users(self) -> None:
+        """Re-read ``users_file`` (SIGHUP); an unreadable file keeps the users already loaded.
+
+        Connections already logged on are not affected; the next logon uses the new file.
+        """
+        if not self.config.users_file:
+            logger.info("reload: no users file configured, nothing to re-read")
+            return
+        try:
+            users = Users.load(Path(self.config.users_file))
+        except AuthError as exc:
+            logger.error("reload: keeping the previous users: %s", exc)  # noqa: TRY400
+            return
+        self.users = users
+        logger.info("reload: %d users from %s", len(users), self.config.users_file)
+
     async def start(self) -> None:
         """Open the log, start the committer and the listeners.
 
@@ -828,8 +844,16 @@ async def _serve(config: DevbrokerConfig) -> int:
         logger.info("%s received, stopping", signal.Signals(signum).name)
         stop.set()
 
+    def on_reload() -> None:
+        # `systemctl reload` and logrotate's postrotate send SIGHUP; without a handler its
+        # default action would end the broker. Log files reopen themselves (WatchedFileHandler).
+        notifier.reloading()
+        broker.reload_users()
+        notifier.ready(status)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await stop.wait()
     finally:

@@ -530,6 +530,25 @@ class TestProcess:
             marker.close()
         assert (status, notified) == (0, (["1"], ["1"]))
 
+    def test_sighup_reloads_without_stopping(self, tmp_path: Path) -> None:
+        """SIGHUP (systemctl reload, logrotate) is acknowledged with RELOADING=1 then READY=1."""
+        path = write_config(
+            tmp_path / "ampsflow.yaml", {"marker": {"listen": f"127.0.0.1:{_free_port()}"}}
+        )
+        marker = Daemon("marker", ["marker", "--config", str(path)], tmp_path / "marker.log")
+        try:
+            marker.start()
+            marker.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while len(marker.notify.values("READY")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            alive = marker.running
+            status = marker.terminate()
+            notified = (marker.notify.values("RELOADING"), marker.notify.values("READY"))
+        finally:
+            marker.close()
+        assert (alive, status, notified) == (True, 0, (["1"], ["1", "1"]))
+
     def test_port_in_use_is_one_line_error(self, tmp_path: Path) -> None:
         """A busy port gives a one-line error and exit status 1."""
         with socket.socket() as busy:

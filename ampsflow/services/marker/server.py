@@ -517,8 +517,17 @@ def run(config: Config, args: argparse.Namespace) -> int:
                 sys.exit(1)
             stop.set()
 
+        def on_reload() -> None:
+            # `systemctl reload` and logrotate's postrotate send SIGHUP; without a handler
+            # its default action would end the server. The marker holds no files open
+            # (log files reopen themselves), so a reload only acknowledges.
+            notifier.reloading()
+            logger.info("SIGHUP: nothing to reopen")
+            notifier.ready()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
         await serve(config, stop, notifier)
 
     try:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 
-from tests.integration.devbroker.conftest import REPO, BrokerProcess, free_port
+import AMPS
+import pytest
+
+from ampsflow.devbroker.auth import hash_password
+from tests.integration.devbroker.conftest import REPO, BrokerProcess, free_port, wait_until
 
 
 def run_devbroker(tmp_path, data_dir, tcp_port=None, extra=()) -> subprocess.CompletedProcess[str]:
@@ -60,3 +65,44 @@ class TestStartup:
         done = run_devbroker(tmp_path, tmp_path / "data", extra=("--users-file", str(missing)))
         assert done.returncode == 1
         assert f"cannot read users file {missing}" in done.stderr
+
+
+def logon(uri: str, user: str, password: str) -> None:
+    client = AMPS.Client(f"hup-{user}")
+    try:
+        client.connect(uri.replace("tcp://", f"tcp://{user}:{password}@"))
+        client.logon(5000)
+    finally:
+        client.close()
+
+
+class TestReload:
+    def test_sighup_keeps_serving(self, broker_process: BrokerProcess):
+        """SIGHUP (systemctl reload, logrotate) does not stop the broker; clients still log on."""
+        assert broker_process.proc is not None
+        broker_process.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload:" in broker_process.output(), "the reload log line")
+        client = AMPS.Client("after-hup")
+        client.connect(broker_process.tcp_uri)
+        client.logon(5000)
+        client.close()
+        assert broker_process.proc.poll() is None
+
+    def test_sighup_rereads_the_users_file(self, tmp_path):
+        """A user added to the users file can log on after SIGHUP, without a restart."""
+        users = tmp_path / "users"
+        users.write_text(f"alice:{hash_password('a-pw', iterations=1000)}\n", encoding="utf-8")
+        proc = BrokerProcess(tmp_path)
+        proc.config.write_text(f"devbroker:\n  users_file: {users}\n", encoding="utf-8")
+        try:
+            proc.start()
+            with pytest.raises(AMPS.AuthenticationException):
+                logon(proc.tcp_uri, "bob", "b-pw")
+            with users.open("a", encoding="utf-8") as f:
+                f.write(f"bob:{hash_password('b-pw', iterations=1000)}\n")
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "reload: 2 users" in proc.output(), "the users reload")
+            logon(proc.tcp_uri, "bob", "b-pw")
+        finally:
+            proc.cleanup()
