@@ -37,6 +37,10 @@ spans expected (``process-message`` and ``send-message`` per sampled message in 
 processor, ``persist-message`` in the persister). Metric export is off in every mode
 (``OTEL_METRICS_EXPORTER=none``) so that the comparison isolates tracing.
 
+``--tap`` adds a subscriber to ``internal`` and ``external`` (its own process) so the
+latency of each fixed-rate phase is split per hop: broker delivery, processor, second
+broker hop, persister. It adds two deliveries per message to the broker's work.
+
 ``--profile DIR`` also records ``py-spy`` profiles (``--gil``: samples of the thread
 holding the GIL, i.e. Python CPU) of the three daemons during each throughput phase:
 collapsed stacks in DIR, and a summary of the functions with the largest share.
@@ -45,7 +49,7 @@ Usage (from the repository root)::
 
     python benchmarks/pipeline.py [--messages 50000] [--rates 1000,5000]
         [--seconds 10] [--modes off,100,10] [--json benchmarks/results/pipeline.json]
-        [--profile DIR] [--set persister.max_batch_delay_ms=1 ...]
+        [--profile DIR] [--tap] [--set persister.max_batch_delay_ms=1 ...]
 """
 
 from __future__ import annotations
@@ -143,6 +147,28 @@ def mark(message_id: str, sent_ns: int, cid: str) -> str:
     head = f'{{"id":"{message_id}","sent_ns":{sent_ns},"source":"benchmark","text":"'
     tail = f'","CorrelationId":"{cid}"}}'
     return head + "x" * max(0, MESSAGE_BYTES - len(head) - len(tail)) + tail
+
+
+def tap(uri: str, stop: Any, ready: Any, results: Any) -> None:
+    """Subscribe to ``internal`` and ``external``; record when each id arrives on each."""
+    arrivals: dict[str, list[tuple[str, int]]] = {TOPIC: [], "external": []}
+
+    def on_message(message: Any) -> None:
+        now = time.time_ns()
+        found = _ID.search(message.get_data_raw() or b"")
+        topic = message.get_topic()
+        if found and topic in arrivals:
+            arrivals[topic].append((found.group(1).decode(), now))
+
+    client = AMPS.Client(f"bench-tap-{os.getpid()}")
+    client.connect(uri)
+    client.logon()
+    client.subscribe(on_message, TOPIC)
+    client.subscribe(on_message, "external")
+    ready.set()
+    stop.wait()
+    client.close()
+    results.put(arrivals)
 
 
 def tail_reader(path: str, stop: Any, count: Any, results: Any) -> None:
@@ -428,6 +454,13 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
         stop, count, results = ctx.Event(), ctx.Value("q", 0), ctx.Queue()
         reader = ctx.Process(target=tail_reader, args=(str(jsonl), stop, count, results))
         reader.start()
+        tap_stop, tap_ready, tap_results = ctx.Event(), ctx.Event(), ctx.Queue()
+        tapper = None
+        if args.tap:
+            tapper = ctx.Process(target=tap, args=(broker.uri, tap_stop, tap_ready, tap_results))
+            tapper.start()
+            if not tap_ready.wait(30):
+                raise RuntimeError("the tap subscriber did not start")
         publisher = Publisher(broker.uri, f"bench-{mode.name}", mode.sampler_ratio)
         phases: list[Phase] = []
         expected_lines = 0
@@ -481,6 +514,11 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
             stop.set()
             seen: list[tuple[bytes, int, int, bytes]] = results.get(timeout=120)
             reader.join(30)
+            tapped: dict[str, dict[str, int]] = {}
+            if tapper is not None:
+                tap_stop.set()
+                tapped = {t: dict(rows) for t, rows in tap_results.get(timeout=120).items()}
+                tapper.join(30)
         result["log_problems"] = {
             name: [
                 line
@@ -508,10 +546,15 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
         result["sampled_marks"] = publisher.sampled
     # -- per phase figures ------------------------------------------------------------
     by_phase: dict[str, list[tuple[int, int, int]]] = {}
+    hops: dict[str, list[tuple[int, int, int]]] = {}
     for ident, sent, seen_ns, at in seen:
-        by_phase.setdefault(ident.decode().rsplit("-", 1)[0], []).append(
-            (sent, seen_ns, timestamp_ns(at.decode()))
-        )
+        name = ident.decode()
+        phase_name = name.rsplit("-", 1)[0]
+        by_phase.setdefault(phase_name, []).append((sent, seen_ns, timestamp_ns(at.decode())))
+        if tapped and name in tapped[TOPIC] and name in tapped["external"]:
+            hops.setdefault(phase_name, []).append(
+                (sent, tapped[TOPIC][name], tapped["external"][name])
+            )
     result["phases"] = []
     for phase in phases:
         rows = by_phase.get(phase.name, [])
@@ -532,6 +575,10 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
             # and fdatasync until the line is in the file.
             entry["to_persister_ms"] = distribution([at - sent for sent, _, at in rows])
             entry["in_persister_ms"] = distribution([seen_ns - at for _, seen_ns, at in rows])
+            if phase.name in hops:
+                # With --tap: arrival on internal (broker) and on external (processor).
+                entry["to_internal_ms"] = distribution([i - s for s, i, _ in hops[phase.name]])
+                entry["to_external_ms"] = distribution([e - s for s, _, e in hops[phase.name]])
         else:
             times = sorted(seen_ns for _, seen_ns, _ in rows)
             last = times[-1] if times else phase.first_publish_ns
@@ -585,14 +632,21 @@ def print_tables(results: list[dict[str, Any]]) -> None:
                 f"{cpu['processor']} | {cpu['persister']} |"
             )
     print()
-    print("| mode | phase | to persister p50 / p99 ms | in persister p50 / p99 ms |")
-    print("|---|---|---|---|")
+    print(
+        "| mode | phase | sent -> on internal p50 / p99 ms | sent -> on external | "
+        "sent -> persister takes it | persister: taken -> in file |"
+    )
+    print("|---|---|---|---|---|---|")
     for result in results:
         for p in result["phases"]:
             if "to_persister_ms" in p:
-                a, b = p["to_persister_ms"], p["in_persister_ms"]
+                cells = [
+                    f"{p[k]['p50']} / {p[k]['p99']}" if k in p else "(--tap)"
+                    for k in ("to_internal_ms", "to_external_ms", "to_persister_ms")
+                ]
+                b = p["in_persister_ms"]
                 print(
-                    f"| {result['label']} | {p['phase']} | {a['p50']} / {a['p99']} | "
+                    f"| {result['label']} | {p['phase']} | {' | '.join(cells)} | "
                     f"{b['p50']} / {b['p99']} |"
                 )
     print()
@@ -624,6 +678,12 @@ def main() -> int:
     parser.add_argument("--modes", default="off,100,10")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
+    parser.add_argument(
+        "--tap",
+        action="store_true",
+        help="also subscribe to internal and external to split latency per hop "
+        "(adds two deliveries per message to the broker's work)",
+    )
     parser.add_argument(
         "--set",
         action="append",
