@@ -1,14 +1,17 @@
 """Soak: the whole pipeline for a long while at a moderate rate, with periodic kill -9.
 
 Usage: python benchmarks/soak.py [--minutes 30] [--rate 100] [--kill-every-s 120]
+                                 [--rotation devbroker,processor,devbroker,persister]
                                  [--collector sink|none|URL] [--dir DIR] [--seed N] [--json FILE]
 
 Starts a devbroker, the processor and the persister as subprocesses on loopback,
 and a steady publisher (official AMPS client, durable publish store, one traced
 message per id). Every ``--kill-every-s`` seconds (with random jitter) it sends
 SIGKILL to one component and restarts it, in the rotation devbroker, processor,
-devbroker, persister: the daemons live through the devbroker kills (they
-reconnect by themselves), so each daemon process runs for several kill periods.
+devbroker, persister (``--rotation`` changes it): the daemons live through the
+devbroker kills (they reconnect by themselves), so each daemon process runs for
+several kill periods; ``--rotation devbroker`` keeps the daemons alive for the
+whole run.
 The resident memory of every process is sampled from ``/proc`` every few
 seconds. At the end the load stops, the JSONL is left to settle, and
 ``ampsflow audit`` reconciles every published id against it.
@@ -112,6 +115,11 @@ class Incarnation:
             "rss_peak_mib": round(max(kib for _, kib in self.samples) / 1024, 1)
             if self.samples
             else None,
+            "rss_quarters_mib": [
+                round(settled[int(q * (len(settled) - 1))] / 1024, 1) for q in (0.25, 0.5, 0.75)
+            ]
+            if settled
+            else [],
         }
 
 
@@ -120,6 +128,11 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=100.0, help="messages per second")
     parser.add_argument("--kill-every-s", type=float, default=120.0)
+    parser.add_argument(
+        "--rotation",
+        default=",".join(ROTATION),
+        help="comma-separated components to kill in turn (default: %(default)s)",
+    )
     parser.add_argument("--collector", default="sink", help="sink, none, or an OTLP/HTTP URL")
     parser.add_argument("--dir", type=Path, default=None, help="state directory (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep the state directory")
@@ -168,17 +181,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"torn {audit['torn_last_line']}, invalid {audit['invalid_lines']} -> "
         + ("CLEAN" if audit["clean"] else "PROBLEMS"),
         f"spans collector: {summary.get('collector', {})}",
-        f"RSS (MiB) per process, first sample after {WARMUP_S:.0f} s -> last (peak):",
+        f"RSS (MiB) per process: first sample after {WARMUP_S:.0f} s -> at 1/4, 1/2, 3/4 "
+        "of its life -> last (peak):",
     ]
     for name, incarnations in summary["rss"].items():
         for inc in incarnations:
             if inc["rss_first_mib"] is None:
                 growth = f"lived {inc['lifetime_s']} s (peak {inc['rss_peak_mib']})"
             else:
-                growth = (
-                    f"{inc['rss_first_mib']} -> {inc['rss_last_mib']} "
-                    f"(peak {inc['rss_peak_mib']}) over {inc['lifetime_s']} s"
+                path = " -> ".join(
+                    str(v)
+                    for v in [inc["rss_first_mib"], *inc["rss_quarters_mib"], inc["rss_last_mib"]]
                 )
+                growth = f"{path} (peak {inc['rss_peak_mib']}) over {inc['lifetime_s']} s"
             out.append(f"  {name:<10} pid {inc['pid']:<7} {growth}")
     return "\n".join(out)
 
@@ -187,6 +202,7 @@ def soak(root: Path, args: argparse.Namespace, seed: int, endpoint: str | None) 
     """Run the soak below ``root`` and return its summary."""
     rng = random.Random(seed)
     duration_s = args.minutes * 60
+    rotation = [name.strip() for name in args.rotation.split(",") if name.strip()]
     procs = Processes(root)
     try:
         broker = procs.devbroker()
@@ -231,7 +247,7 @@ def soak(root: Path, args: argparse.Namespace, seed: int, endpoint: str | None) 
                             incarnations[name][-1].samples.append((now, rss_kib(daemon.pid)))
                 next_sample = now + SAMPLE_EVERY_S
             if now >= next_kill:
-                name = ROTATION[turn % len(ROTATION)]
+                name = rotation[turn % len(rotation)]
                 turn += 1
                 daemons[name].kill()
                 daemons[name].restart()
