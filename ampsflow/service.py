@@ -12,7 +12,9 @@
    dedicated thread takes them with ``sigwait``, so setting the events cannot
    deadlock the interrupted thread. A second SIGTERM/SIGINT also sets
    :attr:`Daemon.force`, which cuts drain waits short.
-4. Telemetry is set up (:func:`ampsflow.adapters.telemetry.setup_telemetry`).
+4. Telemetry is set up (:func:`ampsflow.adapters.telemetry.setup_telemetry`),
+   then garbage collection is tuned for a message loop
+   (:func:`tune_garbage_collection`).
 5. The work function runs. It announces ``READY=1`` (:meth:`Daemon.ready`) once
    subscribed, pings the watchdog from its loop, reports ``STATUS=`` changes,
    and returns once :attr:`Daemon.stop` is set and it has drained.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -162,6 +165,23 @@ class Daemon:
 
 WorkFunction = Callable[[Daemon, Telemetry], None]
 
+GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between two young-generation collections (CPython's default: 700)."""
+
+
+def tune_garbage_collection() -> None:
+    """Make cyclic garbage collection rare in a daemon's message loop.
+
+    With tracing on, every message leaves spans (each a dozen container objects)
+    in the batch span queue for up to ``schedule_delay_ms``; at CPython's default
+    thresholds (700, 10, 10) the collector traverses them again every few messages,
+    and each full collection walks the whole queue. The message paths create no
+    reference cycles (reference counting frees everything), so collecting less
+    often only saves time. ``benchmarks/tracing_cost.py --what-if`` and
+    BENCHMARKS.md give the figures.
+    """
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
+
 
 def run_daemon(
     config: Config,
@@ -203,6 +223,7 @@ def _run(
     daemon = Daemon(service_name, notifier=notifier)
     daemon.install_signal_handling()
     telemetry = setup_telemetry(config.telemetry, service_name)
+    tune_garbage_collection()
     try:
         work(daemon, telemetry)
     except StartupError as exc:
