@@ -16,7 +16,10 @@ Per message (:meth:`Processor.handle`):
    publish itself is a child PRODUCER span ``send-message``.
 5. The input is discarded from the bookmark store only once the output is in
    the durable publish store, so a restart resumes after the last message
-   finished and never skips one.
+   finished and never skips one. Delivery into ``output_topic`` is therefore
+   at-least-once: a crash between storing an output and discarding its input
+   republishes that one message after the restart, and the persister drops the
+   repeat by message id.
 
 Bad input (not UTF-8, not JSON, not an object, too large) marks the span ERROR
 with ``error.type`` and an exception event, counts it

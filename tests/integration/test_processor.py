@@ -238,17 +238,23 @@ class TestLifecycle:
         ids = wait_for_ids(output, 300)
         assert (list(range(300)), 300) == (sorted(set(ids)), len(ids))
 
-    def test_kill9_restart_loses_and_duplicates_nothing(
+    def test_kill9_restart_loses_nothing(
         self, processor: Daemon, publisher: Publisher, output: Reader
     ) -> None:
-        """SIGKILL mid-stream, then a restart: every message exactly once."""
+        """SIGKILL mid-stream, then a restart: every message is published, at most one twice.
+
+        A kill between storing an output and discarding its input republishes that one
+        message after the restart (at-least-once into the output topic); the persister
+        drops the repeat by message id, which tests/faults/test_crashes.py proves.
+        """
         publisher.publish_many(range(300), rate_per_s=200)
         wait_for(lambda: len(output.ids()) >= 50, timeout_s=SETTLE_S, what="50 outputs")
         processor.kill()
         processor.restart()
         publisher.finish()
         ids = wait_for_ids(output, 300)
-        assert (list(range(300)), 300) == (sorted(set(ids)), len(ids))
+        assert list(range(300)) == sorted(set(ids))
+        assert len(ids) - len(set(ids)) <= 1, "more than the one message in flight at the kill"
 
     def test_broker_kill9_is_survived(
         self, broker: Devbroker, processor: Daemon, publisher: Publisher, output: Reader
