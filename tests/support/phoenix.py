@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -188,6 +189,21 @@ def _stored(raw: dict[str, Any], project: str, services: dict[str, str]) -> Stor
     )
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server that does not print a traceback when a client hangs up.
+
+    Exporters close their connection when a test stops a daemon mid-request; that is
+    expected here, any other error is still reported.
+    """
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class OtlpTap:
     """Forwards OTLP/HTTP requests to ``target`` and records each span's service.name.
 
@@ -235,8 +251,7 @@ class OtlpTap:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
