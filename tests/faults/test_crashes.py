@@ -16,6 +16,7 @@ import random
 import pytest
 
 from tests.faults.harness import Pipeline, audit_details, audit_summary, clean_audit
+from tests.support.processes import Daemon
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,22 @@ def _rng() -> random.Random:
     return random.Random(seed)
 
 
+def _kill_repeatedly(
+    pipeline: Pipeline, daemon: Daemon, *, kills: int, gap: tuple[int, int]
+) -> None:
+    """kill -9 and restart ``daemon`` ``kills`` times under load, each after a random number
+    of further publishes in ``gap``; then assert the audit is clean."""
+    rng = _rng()
+    with pipeline.publisher() as publisher:
+        for _ in range(kills):
+            publisher.wait_published(publisher.published + rng.randint(*gap))
+            daemon.kill()
+            daemon.restart()
+        publisher.wait_published(publisher.published + 300)
+    result = pipeline.settle_and_audit(publisher.published)
+    assert clean_audit() == audit_summary(result), audit_details(result)
+
+
 class TestKill9:
     """SIGKILL at random moments, restarted each time, loses and duplicates nothing."""
 
@@ -39,43 +56,19 @@ class TestKill9:
         self, pipeline: Pipeline
     ) -> None:
         """Five kill -9 of the persister mid-stream leave every message in the JSONL once."""
-        rng = _rng()
-        with pipeline.publisher() as publisher:
-            for _ in range(KILLS):
-                publisher.wait_published(publisher.published + rng.randint(100, 450))
-                pipeline.persister.kill()
-                pipeline.persister.restart()
-            publisher.wait_published(publisher.published + 300)
-        result = pipeline.settle_and_audit(publisher.published)
-        assert clean_audit() == audit_summary(result), audit_details(result)
+        _kill_repeatedly(pipeline, pipeline.persister, kills=KILLS, gap=(100, 450))
 
     def test_processor_killed_repeatedly_loses_and_duplicates_nothing(
         self, pipeline: Pipeline
     ) -> None:
         """Five kill -9 of the processor mid-stream leave every message in the JSONL once."""
-        rng = _rng()
-        with pipeline.publisher() as publisher:
-            for _ in range(KILLS):
-                publisher.wait_published(publisher.published + rng.randint(100, 450))
-                pipeline.processor.kill()
-                pipeline.processor.restart()
-            publisher.wait_published(publisher.published + 300)
-        result = pipeline.settle_and_audit(publisher.published)
-        assert clean_audit() == audit_summary(result), audit_details(result)
+        _kill_repeatedly(pipeline, pipeline.processor, kills=KILLS, gap=(100, 450))
 
     def test_devbroker_killed_and_restarted_loses_and_duplicates_nothing(
         self, pipeline: Pipeline
     ) -> None:
         """kill -9 of the devbroker, restarted on its ports and data, loses and duplicates none."""
-        rng = _rng()
-        with pipeline.publisher() as publisher:
-            for _ in range(BROKER_KILLS):
-                publisher.wait_published(publisher.published + rng.randint(150, 600))
-                pipeline.broker.kill()
-                pipeline.broker.restart()
-            publisher.wait_published(publisher.published + 300)
-        result = pipeline.settle_and_audit(publisher.published)
-        assert clean_audit() == audit_summary(result), audit_details(result)
+        _kill_repeatedly(pipeline, pipeline.broker, kills=BROKER_KILLS, gap=(150, 600))
 
     def test_daemons_reconnect_to_a_restarted_devbroker_by_themselves(
         self, pipeline: Pipeline
