@@ -569,6 +569,7 @@ class TcpConnection(Connection, asyncio.Protocol):
     """A client on the TCP listener: length-prefixed frames both ways."""
 
     transport_name = "tcp"
+    broker: Broker
 
     def __init__(self, broker: Broker) -> None:
         Connection.__init__(self, broker, "?")
@@ -719,6 +720,7 @@ class WsConnection(Connection):
     """A JavaScript client on the WebSocket listener (header and body as separate frames)."""
 
     transport_name = "ws"
+    broker: Broker
 
     def __init__(self, broker: Broker, ws: web.WebSocketResponse, peer: str) -> None:
         super().__init__(broker, peer)

@@ -4,7 +4,8 @@ A :class:`Connection` is transport-agnostic: the TCP and WebSocket adapters in
 :mod:`ampsflow.devbroker.server` feed it decoded ``(header, body)`` pairs through
 :meth:`Connection.receive` and implement :meth:`Connection.send` / :meth:`Connection.close`.
 Everything that touches the transaction log or other connections goes through the
-:class:`~ampsflow.devbroker.server.Broker`.
+:class:`SessionBroker` interface, which :class:`~ampsflow.devbroker.server.Broker`
+implements.
 
 Commands are handled in arrival order; a logon (which may verify a password off the event
 loop and waits for the client name's last sequence to be durable) holds back the frames
@@ -19,15 +20,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from ampsflow.devbroker import protocol
-from ampsflow.devbroker.bookmarks import parse_bookmark, publisher_id
+from ampsflow.devbroker.auth import Users
+from ampsflow.devbroker.bookmarks import ReplaySpec, parse_bookmark, publisher_id
 from ampsflow.devbroker.filters import compile_filter, compile_topic, is_regex_topic
+from ampsflow.devbroker.txlog import TransactionLog
 from ampsflow.errors import BookmarkError, FilterError, ProtocolError, TopicError
-
-if TYPE_CHECKING:
-    from ampsflow.devbroker.server import Broker
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +113,60 @@ class Subscription:
         self.sid = protocol.sid_literal(self.sub_id)
 
 
+class SessionBroker(Protocol):
+    """What a :class:`Connection` needs from the broker (:class:`~ampsflow.devbroker.server.Broker`
+    implements it); the connection knows the broker only through this."""
+
+    counters: Counters
+    users: Users | None
+
+    @property
+    def log(self) -> TransactionLog:
+        """The transaction log publishes are appended to."""
+        ...
+
+    @property
+    def delivered_position(self) -> int:
+        """The log position the fan-out has reached."""
+        ...
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep ``task`` alive until it ends (cancelled when the broker stops)."""
+        ...
+
+    def publish(
+        self, conn: Connection, topic: str, correlation_id: str | None, body: bytes, seq: int | None
+    ) -> None:
+        """Append a publish to the log; it is delivered after the next commit."""
+        ...
+
+    def wants_persisted_ack(self, conn: Connection) -> None:
+        """``conn`` has publish-store sequences to acknowledge after a commit."""
+        ...
+
+    def after_durable(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once everything appended so far is committed and delivered."""
+        ...
+
+    async def wait_durable(self) -> None:
+        """Wait until everything appended so far is committed and delivered."""
+        ...
+
+    def add_subscription(self, sub: Subscription, spec: ReplaySpec | None) -> None:
+        """Start delivering to ``sub``: live at once, or after replaying from ``spec``."""
+        ...
+
+    def remove_subscription(self, sub: Subscription) -> None:
+        """Stop delivering to ``sub``."""
+        ...
+
+
 class Connection:
     """The broker side of one client connection (see the module docstring)."""
 
     transport_name = "?"
 
-    def __init__(self, broker: Broker, peer: str) -> None:
+    def __init__(self, broker: SessionBroker, peer: str) -> None:
         self.broker = broker
         self.peer = peer
         self.client_name = ""
