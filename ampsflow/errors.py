@@ -80,6 +80,13 @@ class RecordError(AmpsflowError, ValueError):
     """
 
 
+class AmpsError(AmpsflowError):
+    """Raised when an AMPS operation (subscribe, publish) fails in a way the caller must handle.
+
+    Chained from the official client's exception; the message says what was attempted.
+    """
+
+
 class StartupError(AmpsflowError):
     """Raised when a service cannot start; the message is one line for stderr."""
 

@@ -5,8 +5,10 @@
   whose metrics can be collected on demand.
 - :class:`FakeAmps`: an in-process stand-in for
   :class:`~ampsflow.adapters.amps.AmpsClient` implementing both
-  :class:`~ampsflow.adapters.amps.MessageSource` and
-  :class:`~ampsflow.adapters.amps.MessageSink`.
+  :class:`~ampsflow.messaging.MessageSource` and
+  :class:`~ampsflow.messaging.MessageSink`.
+
+Importing this module does not load the AMPS client.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ampsflow.adapters.amps import Received
 from ampsflow.adapters.telemetry import Telemetry, setup_telemetry
 from ampsflow.config import TelemetryConfig
+from ampsflow.errors import AmpsError
+from ampsflow.messaging import Received
 
 
 @dataclass(slots=True)
@@ -95,7 +98,7 @@ class FakeAmps:
     """In-process AMPS stand-in: feed messages in, read publishes and discards out.
 
     ``fail_publish`` makes the next publishes raise
-    :class:`~ampsflow.adapters.amps.AmpsError` (one per entry, with that message).
+    :class:`~ampsflow.errors.AmpsError` (one per entry, with that message).
     """
 
     published: list[Published] = field(default_factory=list)
@@ -151,8 +154,6 @@ class FakeAmps:
 
     def publish(self, topic: str, body: bytes | str, correlation_id: str | None) -> int:
         """Record the publish (or raise the next queued failure)."""
-        from ampsflow.adapters.amps import AmpsError  # noqa: PLC0415
-
         with self._lock:
             if self.fail_publish:
                 raise AmpsError(self.fail_publish.pop(0))

@@ -4,7 +4,8 @@
 
 - **A consumer.** :meth:`AmpsClient.subscribe` places a *bookmark subscription*
   backed by an ``MMapBookmarkStore`` file in ``state_dir``.
-  :meth:`AmpsClient.receive` hands the service one :class:`Received` message at
+  :meth:`AmpsClient.receive` hands the service one
+  :class:`~ampsflow.messaging.Received` message at
   a time; once the service has *finished* it (its output is safely stored or
   written) it calls :meth:`AmpsClient.discard`. The bookmark store records the
   discard in its file, and a later subscribe (a restart, or the client's own
@@ -59,72 +60,20 @@ import socket
 import threading
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import AMPS
 
 from ampsflow.config import AmpsConfig, read_secret
-from ampsflow.errors import AmpsflowError, StartupError
+from ampsflow.errors import AmpsError, StartupError
+from ampsflow.messaging import Received
 
 logger = logging.getLogger(__name__)
 
 _DATA_COMMANDS = frozenset({"p", "publish", "sow", "oof"})
 _INITIAL_DELAY_S = 0.2
 _QUEUE_POLL_S = 0.2
-
-
-class AmpsError(AmpsflowError):
-    """Raised when an AMPS operation fails in a way the caller must handle.
-
-    Wraps the official client's exception; the message says what was attempted.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    """One message from a bookmark subscription, copied out of the client's buffer.
-
-    Attributes:
-        topic: The topic it was published to.
-        body: The body bytes exactly as published.
-        correlation_id: The CorrelationId header, or ``None`` when absent.
-        bookmark: The AMPS bookmark (``publisher|sequence|``); unique per message.
-        sub_id: The subscription that delivered it.
-        seq_no: The bookmark store's own sequence number, used by :meth:`AmpsClient.discard`.
-    """
-
-    topic: str
-    body: bytes
-    correlation_id: str | None
-    bookmark: str
-    sub_id: str
-    seq_no: int
-
-
-class MessageSource(Protocol):
-    """What a consuming service needs (fakes in :mod:`ampsflow.testing` implement it)."""
-
-    def receive(self, timeout_s: float) -> Received | None:
-        """The next message, or ``None`` after ``timeout_s`` without one."""
-        ...
-
-    def discard(self, message: Received) -> None:
-        """Mark ``message`` finished: a restart resumes after it."""
-        ...
-
-
-class MessageSink(Protocol):
-    """What a publishing service needs (fakes in :mod:`ampsflow.testing` implement it)."""
-
-    def publish(self, topic: str, body: bytes | str, correlation_id: str | None) -> int:
-        """Store then send one message; returns its publish-store sequence number."""
-        ...
-
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until every stored publish is acknowledged; false on timeout."""
-        ...
 
 
 def default_client_name(service: str) -> str:

@@ -61,7 +61,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
-from ampsflow.adapters.amps import AmpsClient, AmpsError, MessageSource, Received
+from ampsflow.adapters.amps import AmpsClient
 from ampsflow.adapters.sink import CommitResult, JsonlSink, PendingLine
 from ampsflow.adapters.telemetry import (
     PROBLEM_ATTRIBUTE,
@@ -73,7 +73,8 @@ from ampsflow.adapters.telemetry import (
 )
 from ampsflow.config import Config, PersisterConfig
 from ampsflow.core.records import Provenance, build_line, build_raw_line, dedupe_key
-from ampsflow.errors import BadMessageError, RecordError, SinkError, StartupError
+from ampsflow.errors import AmpsError, BadMessageError, RecordError, SinkError, StartupError
+from ampsflow.messaging import MessageSource, Received
 from ampsflow.service import Daemon, run_daemon
 
 logger = logging.getLogger(__name__)

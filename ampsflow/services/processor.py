@@ -42,7 +42,7 @@ from typing import Any
 
 from opentelemetry.trace import Link, SpanKind, get_current_span
 
-from ampsflow.adapters.amps import AmpsClient, AmpsError, MessageSink, MessageSource, Received
+from ampsflow.adapters.amps import AmpsClient
 from ampsflow.adapters.telemetry import (
     PROBLEM_ATTRIBUTE,
     Telemetry,
@@ -54,7 +54,8 @@ from ampsflow.adapters.telemetry import (
 )
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform
-from ampsflow.errors import BadMessageError, StartupError
+from ampsflow.errors import AmpsError, BadMessageError, StartupError
+from ampsflow.messaging import MessageSink, MessageSource, Received
 from ampsflow.service import Daemon, run_daemon
 
 logger = logging.getLogger(__name__)

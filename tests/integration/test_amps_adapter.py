@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ampsflow.adapters.amps import AmpsClient, Received
+from ampsflow.adapters.amps import AmpsClient
 from ampsflow.config import AmpsConfig
+from ampsflow.messaging import Received
 from tests.support.processes import Devbroker, Processes, wait_for
 
 pytestmark = pytest.mark.slow

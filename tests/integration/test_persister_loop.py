@@ -17,10 +17,10 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from ampsflow.adapters.amps import Received
 from ampsflow.adapters.sink import JsonlSink, OsSyscalls
 from ampsflow.adapters.systemd import Notifier
 from ampsflow.core.codec import TraceParent, encode_correlation_id
+from ampsflow.messaging import Received
 from ampsflow.service import Daemon
 from ampsflow.services.persister import Persister
 from ampsflow.testing import FakeAmps, InMemoryTelemetry, in_memory_telemetry
