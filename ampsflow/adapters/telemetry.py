@@ -12,6 +12,9 @@ for a service:
   config (``OTEL_BSP_*`` variables win over the file when set).
 - Exporter ``otlp`` (``http/protobuf`` to ``endpoint + /v1/traces`` and
   ``/v1/metrics``, or ``grpc`` to ``endpoint``), ``console`` or ``none``.
+  Spans over ``http/protobuf`` go through
+  :class:`~ampsflow.adapters.otlp_wire.OtlpHttpSpanExporter`: the SDK's
+  exporter with a direct wire encoder that never holds the GIL for long.
   ``OTEL_EXPORTER_OTLP_ENDPOINT`` and the per-signal
   ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT`` override the config endpoint;
   ``OTEL_METRICS_EXPORTER=none`` turns metric export off (for trace-only
@@ -331,6 +334,8 @@ class Telemetry:
     meter: Meter
     instruments: Instruments
     losses: SpanLossCounter
+    span_exporter: SpanExporter | None = None
+    """The exporter spans go to (``None`` when export is off)."""
     shutdown_timeout_s: float = 10.0
     _shut_down: bool = False
 
@@ -474,6 +479,7 @@ def setup_telemetry(
         meter=meter,
         instruments=Instruments.from_meter(meter),
         losses=losses,
+        span_exporter=exporter,
         shutdown_timeout_s=config.shutdown_timeout_ms / 1000,
     )
 
@@ -532,11 +538,9 @@ def _span_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> SpanExpor
         )
 
         return GrpcSpanExporter(endpoint=url, timeout=timeout_s)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
-        OTLPSpanExporter as HttpSpanExporter,
-    )
+    from ampsflow.adapters.otlp_wire import OtlpHttpSpanExporter  # noqa: PLC0415
 
-    return HttpSpanExporter(endpoint=url, timeout=timeout_s)
+    return OtlpHttpSpanExporter(endpoint=url, timeout=timeout_s)
 
 
 def _metric_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> MetricExporter | None:
