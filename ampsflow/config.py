@@ -112,6 +112,10 @@ class DevbrokerConfig:
     retention_bytes: int | None = 1024 * 1024 * 1024
     retention_age_s: int | None = 7 * 24 * 3600
     commit_delay_ms: int = 1
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 1000
+    logon_timeout_s: float = 10.0
+    max_concurrent_logons: int = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -342,6 +346,15 @@ def _cross_checks(config: Config, source: str) -> list[ConfigProblem]:
         bad("marker.amps_websocket_upstream", "must be a ws:// or wss:// URL")
     if config.devbroker.max_frame_bytes < 1024:
         bad("devbroker.max_frame_bytes", "must be at least 1024")
+    broker = config.devbroker
+    if not 1024 <= broker.max_header_bytes <= broker.max_frame_bytes:
+        bad("devbroker.max_header_bytes", "must be at least 1024 and at most max_frame_bytes")
+    if broker.max_connections == 0:
+        bad("devbroker.max_connections", "must be at least 1")
+    if broker.max_concurrent_logons == 0:
+        bad("devbroker.max_concurrent_logons", "must be at least 1")
+    if broker.logon_timeout_s == 0:
+        bad("devbroker.logon_timeout_s", "must be above 0")
     return problems
 
 

@@ -138,6 +138,14 @@ class ProtocolError(AmpsflowError, ValueError):
     """
 
 
+class OversizedHeaderError(ProtocolError):
+    """Raised by the devbroker when a client header is longer than ``max_header_bytes``.
+
+    The broker answers with a failure ack when it finds the ``cid`` in the header's first
+    bytes, logs only a prefix, counts it and closes the connection.
+    """
+
+
 class AuthError(AmpsflowError):
     """Raised when the devbroker users file cannot be read or has a malformed line.
 

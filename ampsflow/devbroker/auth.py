@@ -10,6 +10,10 @@ print(hash_password(getpass.getpass()))'
 and append ``alice:<that output>`` to the file. The client then logs on with
 ``tcp://alice:secret@host:9007/amps/json`` (Python) or ``ws://alice:secret@host:9008/amps/json``
 (JavaScript under Node).
+
+Checking a password costs the same whether the user exists or not: an unknown user's
+password is checked against a dummy hash of the file's strongest iteration count, so the
+answer's timing does not tell which names exist.
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ DEFAULT_ITERATIONS = 600_000
 _SALT_BYTES = 16
 
 
+def derive_key(password: bytes, salt: bytes, iterations: int) -> bytes:
+    """PBKDF2-HMAC-SHA256 of ``password`` (slow on purpose; releases the GIL)."""
+    return hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+
+
 def hash_password(password: str, *, iterations: int = DEFAULT_ITERATIONS) -> str:
     """Return ``pbkdf2_sha256$<iterations>$<salt>$<key>`` for ``password`` with a fresh salt."""
     salt = os.urandom(_SALT_BYTES)
-    key = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    key = derive_key(password.encode("utf-8"), salt, iterations)
     return "$".join(
         (SCHEME, str(iterations), base64.b64encode(salt).decode(), base64.b64encode(key).decode())
     )
@@ -66,6 +75,9 @@ class Users:
 
     def __init__(self, hashes: dict[str, str]) -> None:
         self._hashes = {name: _parse_hash(h) for name, h in hashes.items()}
+        strongest = max((h.iterations for h in self._hashes.values()), default=DEFAULT_ITERATIONS)
+        # Checked for unknown users, so they cost as much as known ones; matches nothing.
+        self._dummy = _Hash(strongest, os.urandom(_SALT_BYTES), b"")
 
     @classmethod
     def load(cls, path: Path) -> Users:
@@ -99,12 +111,15 @@ class Users:
     def verify(self, user: str, password: str) -> bool:
         """Return True when ``user`` exists and ``password`` matches its hash.
 
-        Slow on purpose (PBKDF2): call it off the event loop.
+        Runs one key derivation in every case (an unknown user against a dummy hash).
+        A password that is not valid Unicode text (a lone surrogate from a JSON escape) is
+        hashed as its raw code units and so matches no stored hash. Slow on purpose
+        (PBKDF2): call it off the event loop.
         """
         stored = self._hashes.get(user)
+        candidate = password.encode("utf-8", "surrogatepass")
         if stored is None:
+            derive_key(candidate, self._dummy.salt, self._dummy.iterations)
             return False
-        key = hashlib.pbkdf2_hmac(
-            "sha256", password.encode("utf-8"), stored.salt, stored.iterations
-        )
+        key = derive_key(candidate, stored.salt, stored.iterations)
         return hmac.compare_digest(key, stored.key)

@@ -30,7 +30,7 @@ import re
 import struct
 from collections.abc import Iterable, Mapping
 
-from ampsflow.errors import ProtocolError
+from ampsflow.errors import OversizedHeaderError, ProtocolError
 
 __all__ = [
     "LENGTH",
@@ -40,6 +40,7 @@ __all__ = [
     "command_name",
     "delivery_header",
     "encode_header",
+    "excerpt",
     "frame",
     "json_string",
     "logon_ack",
@@ -103,14 +104,40 @@ _SHORT_KEYS = frozenset(
 _HEADER_END = re.compile(rb'\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\}', re.DOTALL)
 
 
-def split_frame(frame: bytes) -> tuple[bytes, bytes]:
+LOG_EXCERPT = 120
+"""Characters of a client's frame, header or value that a log line shows at most."""
+
+
+def excerpt(value: object, limit: int = LOG_EXCERPT) -> str:
+    """Return ``repr(value)`` cut to about ``limit`` characters, saying how long it was.
+
+    For log lines about client input: a hostile header can be megabytes long, and only
+    the start of ``bytes``/``str`` is ever converted.
+    """
+    if isinstance(value, bytes | bytearray | str):
+        if len(value) <= limit:
+            return repr(value)
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def split_frame(frame: bytes, max_header: int | None = None) -> tuple[bytes, bytes]:
     """Split a TCP frame (without its length prefix) into header and body bytes.
 
+    Only the first ``max_header`` bytes are searched for the header's end, so a frame whose
+    header is longer costs no more than one of that size.
+
     Raises:
+        OversizedHeaderError: no header end within ``max_header`` bytes of a longer frame.
         ProtocolError: the frame does not start with a complete flat JSON object.
     """
-    match = _HEADER_END.match(frame)
+    window = frame if max_header is None or len(frame) <= max_header else frame[:max_header]
+    match = _HEADER_END.match(window)
     if match is None:
+        if len(window) < len(frame):
+            raise OversizedHeaderError(f"header longer than {max_header} bytes")
         raise ProtocolError("frame does not start with a JSON header object")
     end = match.end()
     return frame[:end], frame[end:]

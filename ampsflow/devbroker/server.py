@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -44,7 +45,7 @@ from ampsflow.devbroker.auth import Users
 from ampsflow.devbroker.bookmarks import ReplaySpec
 from ampsflow.devbroker.session import MALFORMED, Connection, Counters, Subscription
 from ampsflow.devbroker.txlog import LogEntry, ReplayCursor, TransactionLog
-from ampsflow.errors import AuthError, ProtocolError, TransactionLogError
+from ampsflow.errors import AuthError, OversizedHeaderError, ProtocolError, TransactionLogError
 from ampsflow.logs import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,53 @@ read until the log catches up."""
 GIL_SWITCH_INTERVAL_S = 0.0005
 _CID = re.compile(rb'"(?:cid|cmd_id)":"([^"\\]{1,200})"')
 _UNPARSED = object()
+LOG_EVERY_S = 10.0
+"""Refused connections and accept errors are logged at most once per this interval (with
+how many were not logged); the counters count every one."""
+FD_RESERVE = 64
+"""Open files the broker needs besides client connections (log segments, listeners...)."""
+
+
+class _Throttle:
+    """Say when a repeated event may be logged again: at most once per ``interval_s``."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def allow(self) -> int | None:
+        """Return how many were held back since the last one logged, or None to stay quiet."""
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return None
+        self.next_at = now + self.interval_s
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+
+def _ensure_fd_limit(wanted: int) -> None:
+    """Raise the soft open-file limit towards ``wanted`` (within the hard limit); warn when
+    it stays below, since accepting then fails with EMFILE before ``max_connections``."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot raise the open-file limit: %s", exc)
+        return
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        logger.warning(
+            "open-file limit %d is below max_connections + %d = %d: at the limit new "
+            "connections fail to be accepted (logged at most every %g s)",
+            soft,
+            FD_RESERVE,
+            wanted,
+            LOG_EVERY_S,
+        )
 
 
 def _parse_body(body: bytes) -> object:
@@ -107,6 +155,14 @@ class Broker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dirty: asyncio.Event | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="devbroker-txlog")
+        self._auth_executor = ThreadPoolExecutor(
+            config.max_concurrent_logons, thread_name_prefix="devbroker-auth"
+        )
+        self._logon_slots = asyncio.Semaphore(config.max_concurrent_logons)
+        self._refused_log = _Throttle(LOG_EVERY_S)
+        self._accept_log = _Throttle(LOG_EVERY_S)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous_handler: Any = None
         self._tcp_server: asyncio.Server | None = None
         self._ws_runner: web.AppRunner | None = None
         self._tcp_port = 0
@@ -166,6 +222,10 @@ class Broker:
         self._spawn(self._committer())
         self._spawn(self._ticker())
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
+        _ensure_fd_limit(self.config.max_connections + FD_RESERVE)
         try:
             host, port = parse_host_port(self.config.tcp)
             self._tcp_server = await loop.create_server(
@@ -188,6 +248,7 @@ class Broker:
         """Stop accepting, commit, answer what waits for that commit, close everything."""
         if self._stopped or not self._started:
             self._executor.shutdown(wait=False)
+            self._auth_executor.shutdown(wait=False, cancel_futures=True)
             return
         self._stopped = True
         if self._tcp_server is not None:
@@ -209,6 +270,9 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._executor.shutdown(wait=True)
+        self._auth_executor.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            self._loop.set_exception_handler(self._previous_handler)
         self.log.close()
         logger.info("devbroker stopped: %s", self.counters.as_text())
 
@@ -229,17 +293,76 @@ class Broker:
 
     # ------------------------------------------------------------------ connections
 
+    def admit(self, transport: str, peer: str) -> bool:
+        """Whether a new connection may open (fewer than ``max_connections`` are open).
+
+        A refusal is counted and logged (at most every :data:`LOG_EVERY_S`).
+        """
+        if len(self._conns) < self.config.max_connections:
+            return True
+        self.counters.connections_refused += 1
+        held = self._refused_log.allow()
+        if held is not None:
+            logger.warning(
+                "refused %s connection from %s: max_connections (%d) open (%d more refused "
+                "since the last report)",
+                transport,
+                peer,
+                self.config.max_connections,
+                held,
+            )
+        return False
+
     def add_connection(self, conn: Connection) -> None:
-        """Register a new client connection."""
+        """Register a new client connection; it must log on within ``logon_timeout_s``."""
         self._conns.add(conn)
         self.counters.connections_opened += 1
+        conn.start_logon_timer()
         logger.debug("%r: connected", conn)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # At the open-file limit asyncio's accept loop reports every failed accept() with a
+        # traceback, thousands a second: count them, log one line now and then.
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and str(context.get("message", "")).startswith(
+            "socket.accept()"
+        ):
+            self.counters.accept_errors += 1
+            held = self._accept_log.allow()
+            if held is not None:
+                logger.error(
+                    "cannot accept connections: %s (%d more since the last report; "
+                    "raise the open-file limit or lower max_connections)",
+                    exc,
+                    held,
+                )
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    async def check_password(self, conn: Connection, user: str, password: str) -> bool:
+        """Verify a logon's password in a worker thread, ``max_concurrent_logons`` at a time.
+
+        The event loop goes on serving meanwhile; a connection that closed while waiting
+        for its turn is not checked (False).
+        """
+        users = self.users
+        if users is None:
+            return True
+        async with self._logon_slots:
+            if conn.closed:
+                return False
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._auth_executor, users.verify, user, password)
 
     def remove_connection(self, conn: Connection, reason: str) -> None:
         """Forget a closed connection and its subscriptions."""
         if conn not in self._conns:
             return
         self._conns.discard(conn)
+        conn.cancel_logon_timer()
         self._ack_conns.discard(conn)
         if isinstance(conn, TcpConnection):
             self._paused.discard(conn)
@@ -484,21 +607,33 @@ class Broker:
     # ------------------------------------------------------------------ bad frames
 
     def bad_frame(self, conn: Connection, raw: bytes, error: ProtocolError) -> None:
-        """Count and log an unparseable header; answer it when its ``cid`` can be found."""
-        self.counters.malformed_frames += 1
-        logger.warning("%r: malformed frame (%s): %.120r", conn, error, raw)
-        match = _CID.search(raw)
+        """Count and log an unparseable header; answer it when its ``cid`` can be found.
+
+        A header over ``max_header_bytes`` also closes the connection. Only the start of
+        the frame is searched and logged.
+        """
+        oversized = isinstance(error, OversizedHeaderError)
+        if oversized:
+            self.counters.oversized_headers += 1
+        else:
+            self.counters.malformed_frames += 1
+        logger.warning("%r: malformed frame (%s): %s", conn, error, protocol.excerpt(raw))
+        match = _CID.search(raw, 0, self.config.max_header_bytes)
         if match is not None:
             # Through receive(), so the nack keeps its place behind a pending logon ack.
             cid = match.group(1).decode("utf-8", "replace")
             conn.receive({"c": MALFORMED, "cid": cid}, b"")
+        if oversized:
+            conn.close("oversized header")
 
     # ------------------------------------------------------------------ WebSocket
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        peer = request.remote or "?"
+        if not self.admit("ws", peer):
+            return web.Response(status=503, text="too many connections\n")
         ws = web.WebSocketResponse(max_msg_size=self.config.max_frame_bytes)
         await ws.prepare(request)
-        peer = request.remote or "?"
         conn = WsConnection(self, ws, peer)
         self.add_connection(conn)
         reason = "client closed"
@@ -530,25 +665,19 @@ class Broker:
                     self.counters.malformed_frames += 1
                     logger.warning("%r: %s; closing", conn, reason)
                     break
-                parts: list[bytes] = []
-                for _ in range(count):
-                    part = await ws.receive()
-                    if part.type == WSMsgType.TEXT:
-                        parts.append(part.data.encode("utf-8"))
-                    elif part.type == WSMsgType.BINARY:
-                        parts.append(part.data)
-                    else:
-                        reason = f"connection ended inside a command ({part.type})"
-                        conn.closed = True
-                        break
-                if conn.closed:
+                parts, problem = await self._ws_command(conn, ws, count)
+                if problem:
+                    reason = problem
                     break
                 raw_header = parts[0]
                 body = b"".join(parts[1:])
-                if len(body) + len(raw_header) > self.config.max_frame_bytes:
-                    self.counters.oversized_frames += 1
-                    reason = "oversized command"
-                    logger.warning("%r: command of %d bytes; closing", conn, len(body))
+                if len(raw_header) > self.config.max_header_bytes:
+                    error = OversizedHeaderError(
+                        f"header of {len(raw_header)} bytes exceeds max_header_bytes "
+                        f"{self.config.max_header_bytes}"
+                    )
+                    self.bad_frame(conn, raw_header, error)
+                    reason = "oversized header"
                     break
                 try:
                     header = protocol.parse_header(raw_header)
@@ -563,6 +692,44 @@ class Broker:
             self.remove_connection(conn, conn.close_reason or reason)
             await conn.finish()
         return ws
+
+    async def _ws_command(
+        self, conn: WsConnection, ws: web.WebSocketResponse, count: int
+    ) -> tuple[list[bytes], str]:
+        """Read the ``count`` frames of one command; return them, or a reason to close.
+
+        The size limit is enforced as frames arrive: ``max_frame_bytes`` for the whole
+        command, ``max_header_bytes`` until the client has sent its logon.
+        """
+        limit = self.config.max_frame_bytes if conn.logon_seen else self.config.max_header_bytes
+        parts: list[bytes] = []
+        total = 0
+        for _ in range(count):
+            part = await ws.receive()
+            if part.type == WSMsgType.TEXT:
+                data = part.data.encode("utf-8")
+            elif part.type == WSMsgType.BINARY:
+                data = part.data
+            else:
+                if part.type == WSMsgType.ERROR and "too big" in str(part.data).lower():
+                    self.counters.oversized_frames += 1
+                    logger.warning("%r: %s; closing", conn, part.data)
+                return parts, f"connection ended inside a command ({part.type.name})"
+            total += len(data)
+            if total > limit:
+                self.counters.oversized_frames += 1
+                name = "max_frame_bytes" if conn.logon_seen else "max_header_bytes before logon"
+                logger.warning(
+                    "%r: command of more than %d bytes (%s) in %d of %d frames; closing",
+                    conn,
+                    limit,
+                    name,
+                    len(parts) + 1,
+                    count,
+                )
+                return parts, "oversized command"
+            parts.append(data)
+        return parts, ""
 
 
 class TcpConnection(Connection, asyncio.Protocol):
@@ -581,6 +748,7 @@ class TcpConnection(Connection, asyncio.Protocol):
         self._flush_scheduled = False
         self._writable: asyncio.Future[None] | None = None
         self._max_frame = broker.config.max_frame_bytes
+        self._max_header = broker.config.max_header_bytes
         self._max_out = broker.config.max_outbound_bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -589,6 +757,10 @@ class TcpConnection(Connection, asyncio.Protocol):
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not self.broker.admit("tcp", self.peer):
+            self.closed = True
+            transport.abort()
+            return
         transport.set_write_buffer_limits(high=OUTBOUND_HIGH_WATER)
         self.broker.add_connection(self)
 
@@ -607,13 +779,16 @@ class TcpConnection(Connection, asyncio.Protocol):
         size = len(buf)
         while size - pos >= 4 and not self.closed:
             (length,) = protocol.LENGTH.unpack_from(buf, pos)
-            if length > self._max_frame:
+            # Until its logon a client sends headers only: a frame must fit max_header_bytes.
+            limit = self._max_frame if self.logon_seen else self._max_header
+            if length > limit:
                 self.broker.counters.oversized_frames += 1
                 logger.warning(
-                    "%r: frame of %d bytes exceeds max_frame_bytes %d; closing",
+                    "%r: frame of %d bytes exceeds %s %d; closing",
                     self,
                     length,
-                    self._max_frame,
+                    "max_frame_bytes" if self.logon_seen else "max_header_bytes before logon",
+                    limit,
                 )
                 self.close("oversized frame")
                 return
@@ -623,7 +798,7 @@ class TcpConnection(Connection, asyncio.Protocol):
             frame = bytes(buf[pos + 4 : end])
             pos = end
             try:
-                raw_header, body = protocol.split_frame(frame)
+                raw_header, body = protocol.split_frame(frame, self._max_header)
                 header = protocol.parse_header(raw_header)
             except ProtocolError as exc:
                 self.broker.bad_frame(self, frame, exc)

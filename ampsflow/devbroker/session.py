@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from ampsflow.config import DevbrokerConfig
 from ampsflow.devbroker import protocol
 from ampsflow.devbroker.auth import Users
 from ampsflow.devbroker.bookmarks import ReplaySpec, parse_bookmark, publisher_id
@@ -57,7 +58,33 @@ MALFORMED = "\x00malformed"
 """Command name the transports give a frame whose header could not be parsed but whose
 ``cid`` could be found: it is answered with a failure ack in its turn."""
 MAX_BACKLOG = 100_000
-"""Frames a client may send before its logon is answered."""
+"""Frames a client may send before its logon is answered (their bodies may add up to
+``max_frame_bytes`` at most)."""
+MAX_CLIENT_NAME = 1024
+"""Longest client name a logon may carry, in characters."""
+
+
+def logon_problem(header: Header) -> tuple[str, str] | None:
+    """Return ``(failure reason, detail)`` when a logon's fields cannot be used, else None.
+
+    The client name is written to the transaction log, into bookmarks and into log lines:
+    it must be text that has a UTF-8 form (a JSON ``"\\ud800"`` escape does not), without
+    control characters, at most :data:`MAX_CLIENT_NAME` characters long.
+    """
+    name = header.get("client_name", "")
+    if isinstance(name, str):
+        if len(name) > MAX_CLIENT_NAME:
+            return "invalid client name", f"client name longer than {MAX_CLIENT_NAME} characters"
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return "invalid client name", f"client name {protocol.excerpt(name)} is not UTF-8 text"
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+            return (
+                "invalid client name",
+                f"client name {protocol.excerpt(name)} has control characters",
+            )
+    return None
 
 
 @dataclass(slots=True)
@@ -83,6 +110,11 @@ class Counters:
     slow_consumers: int = 0
     heartbeat_timeouts: int = 0
     internal_errors: int = 0
+    oversized_headers: int = 0
+    bad_logons: int = 0
+    logon_timeouts: int = 0
+    connections_refused: int = 0
+    accept_errors: int = 0
 
     def as_text(self) -> str:
         """Return ``name=value`` pairs for a log line."""
@@ -119,6 +151,7 @@ class SessionBroker(Protocol):
 
     counters: Counters
     users: Users | None
+    config: DevbrokerConfig
 
     @property
     def log(self) -> TransactionLog:
@@ -160,6 +193,10 @@ class SessionBroker(Protocol):
         """Stop delivering to ``sub``."""
         ...
 
+    async def check_password(self, conn: Connection, user: str, password: str) -> bool:
+        """Verify a logon's password off the event loop (False if ``conn`` closed first)."""
+        ...
+
 
 class Connection:
     """The broker side of one client connection (see the module docstring)."""
@@ -179,6 +216,8 @@ class Connection:
         self.pending_persisted: deque[tuple[int, int]] = deque()
         self.close_reason = ""
         self._backlog: list[tuple[Header, bytes]] | None = None
+        self._backlog_bytes = 0
+        self._logon_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ transport side
 
@@ -209,6 +248,34 @@ class Connection:
     def __repr__(self) -> str:
         return f"<{self.transport_name} {self.peer} {self.client_name or '-'}>"
 
+    @property
+    def logon_seen(self) -> bool:
+        """True once a logon has arrived (answered or pending): larger frames are allowed."""
+        return self.logged_on or self._backlog is not None
+
+    def start_logon_timer(self) -> None:
+        """Close the connection if it is not logged on within ``logon_timeout_s``."""
+        timeout = self.broker.config.logon_timeout_s
+        self._logon_timer = asyncio.get_running_loop().call_later(timeout, self._logon_timed_out)
+
+    def cancel_logon_timer(self) -> None:
+        """Forget the logon deadline (logged on, or the connection ended)."""
+        if self._logon_timer is not None:
+            self._logon_timer.cancel()
+            self._logon_timer = None
+
+    def _logon_timed_out(self) -> None:
+        self._logon_timer = None
+        if self.logged_on or self.closed:
+            return
+        self.broker.counters.logon_timeouts += 1
+        logger.warning(
+            "%r: not logged on %g s after connecting; closing",
+            self,
+            self.broker.config.logon_timeout_s,
+        )
+        self.close("logon timeout")
+
     # ------------------------------------------------------------------ receiving
 
     def receive(self, header: Header, body: bytes) -> None:
@@ -218,8 +285,17 @@ class Connection:
         """
         self.broker.counters.frames_in += 1
         if self._backlog is not None:
-            if len(self._backlog) >= MAX_BACKLOG:
-                logger.warning("%r: more than %d frames before the logon ack", self, MAX_BACKLOG)
+            self._backlog_bytes += len(body)
+            if (
+                len(self._backlog) >= MAX_BACKLOG
+                or self._backlog_bytes > self.broker.config.max_frame_bytes
+            ):
+                logger.warning(
+                    "%r: more than %d frames or %d bytes before the logon ack; closing",
+                    self,
+                    MAX_BACKLOG,
+                    self.broker.config.max_frame_bytes,
+                )
                 self.close("flooding before logon")
                 return
             self._backlog.append((header, body))
@@ -231,12 +307,14 @@ class Connection:
             self._dispatch(header, body)
         except ProtocolError as exc:
             self.broker.counters.malformed_frames += 1
-            logger.warning("%r: bad %s command: %s", self, header.get("c", "?"), exc)
+            logger.warning(
+                "%r: bad %s command: %s", self, protocol.excerpt(header.get("c", "?")), exc
+            )
             self.nack(header, "invalid header")
         except Exception:
             # One command's failure must not take the connection or the broker down.
             self.broker.counters.internal_errors += 1
-            logger.exception("%r: %s command failed", self, header.get("c", "?"))
+            logger.exception("%r: %s command failed", self, protocol.excerpt(header.get("c", "?")))
             self.nack(header, "internal error")
 
     def _dispatch(self, header: Header, body: bytes) -> None:
@@ -249,6 +327,7 @@ class Connection:
             self._publish(header, body)
         elif cmd == "logon":
             self._backlog = []
+            self._backlog_bytes = 0
             task = asyncio.get_running_loop().create_task(self._logon(header))
             self.broker.track(task)
         elif cmd == "heartbeat":
@@ -257,7 +336,7 @@ class Connection:
             self.nack({"cid": header["cid"]}, "invalid header")
         elif not self.logged_on:
             self.broker.counters.malformed_frames += 1
-            logger.warning("%r: %r before logon; closing", self, cmd)
+            logger.warning("%r: %s before logon; closing", self, protocol.excerpt(cmd))
             self.nack(header, "logon required")
             self.close("command before logon")
         elif cmd == "subscribe":
@@ -274,8 +353,10 @@ class Connection:
             self.nack(header, UNSUPPORTED[cmd])
         else:
             self.broker.counters.unsupported_commands += 1
-            logger.warning("%r: unknown command %r", self, cmd)
-            self.nack(header, f"unknown command {cmd!r}" if cmd else "missing command")
+            logger.warning("%r: unknown command %s", self, protocol.excerpt(cmd))
+            self.nack(
+                header, f"unknown command {protocol.excerpt(cmd, 40)}" if cmd else "missing command"
+            )
 
     # ------------------------------------------------------------------ acks
 
@@ -293,7 +374,12 @@ class Connection:
         self.broker.counters.nacks += 1
         types = protocol.ack_types(command)
         if not types and not command.get("cid"):
-            logger.info("%r: %s failed (%s); the command asked for no ack", self, command, reason)
+            logger.info(
+                "%r: %s failed (%s); the command asked for no ack",
+                self,
+                protocol.excerpt(command),
+                reason,
+            )
             return
         ack_type = "processed" if "processed" in types or not types else types[0]
         self.send(protocol.ack(command, ack_type, reason=reason))
@@ -319,43 +405,14 @@ class Connection:
 
     async def _logon(self, header: Header) -> None:
         try:
-            ok = await self._authenticate(header)
-            if self.closed:
-                return
-            if not ok:
-                self.broker.counters.auth_failures += 1
-                logger.warning("%r: auth failure for user %r", self, str(header.get("user_id", "")))
-                self.nack(header, "auth failure")
-                self.close("auth failure")
-                return
-            mt = str(header.get("mt", "json") or "json")
-            if mt != "json":
-                logger.warning("%r: unsupported message type %r", self, mt)
-                self.nack(header, "invalid message type")
-                self.close("unsupported message type")
-                return
-            self.client_name = str(header.get("client_name", ""))
-            # The client discards its publish store up to this sequence: report only what
-            # is durable, after waiting for what this name already has in flight.
-            log = self.broker.log
-            if log.highest_appended_client_seq(self.client_name) > log.highest_client_seq(
-                self.client_name
-            ):
-                await self.broker.wait_durable()
-            if self.closed:
-                return
-            last = self.broker.log.highest_client_seq(self.client_name)
-            self.logged_on = True
-            self.broker.counters.logons += 1
-            logger.debug("%r: logged on (last persisted sequence %d)", self, last)
-            self.send(
-                protocol.logon_ack(
-                    header,
-                    client_name=self.client_name,
-                    name_hash=publisher_id(self.client_name),
-                    last_seq=last,
-                )
-            )
+            await self._logon_steps(header)
+        except Exception:
+            # A logon always gets an answer: the client would otherwise wait forever.
+            self.broker.counters.internal_errors += 1
+            logger.exception("%r: logon failed", self)
+            if not self.closed:
+                self.nack(header, "internal error")
+                self.close("logon failed")
         finally:
             backlog, self._backlog = self._backlog or [], None
             for index, (queued_header, queued_body) in enumerate(backlog):
@@ -367,13 +424,62 @@ class Connection:
                     break
                 self._handle(queued_header, queued_body)
 
+    async def _logon_steps(self, header: Header) -> None:
+        refused = logon_problem(header)
+        if refused is not None:
+            reason, detail = refused
+            self.broker.counters.bad_logons += 1
+            logger.warning("%r: logon refused (%s): %s", self, reason, detail)
+            self.nack(header, reason)
+            self.close(reason)
+            return
+        ok = await self._authenticate(header)
+        if self.closed:
+            return
+        if not ok:
+            self.broker.counters.auth_failures += 1
+            logger.warning(
+                "%r: auth failure for user %s", self, protocol.excerpt(header.get("user_id", ""))
+            )
+            self.nack(header, "auth failure")
+            self.close("auth failure")
+            return
+        mt = str(header.get("mt", "json") or "json")
+        if mt != "json":
+            logger.warning("%r: unsupported message type %s", self, protocol.excerpt(mt))
+            self.nack(header, "invalid message type")
+            self.close("unsupported message type")
+            return
+        self.client_name = str(header.get("client_name", ""))
+        # The client discards its publish store up to this sequence: report only what
+        # is durable, after waiting for what this name already has in flight.
+        log = self.broker.log
+        if log.highest_appended_client_seq(self.client_name) > log.highest_client_seq(
+            self.client_name
+        ):
+            await self.broker.wait_durable()
+        if self.closed:
+            return
+        last = self.broker.log.highest_client_seq(self.client_name)
+        self.logged_on = True
+        self.cancel_logon_timer()
+        self.broker.counters.logons += 1
+        logger.debug("%r: logged on (last persisted sequence %d)", self, last)
+        self.send(
+            protocol.logon_ack(
+                header,
+                client_name=self.client_name,
+                name_hash=publisher_id(self.client_name),
+                last_seq=last,
+            )
+        )
+
     async def _authenticate(self, header: Header) -> bool:
-        users = self.broker.users
-        if users is None:
+        if self.broker.users is None:
             return True
         user = str(header.get("user_id", ""))
         password = str(header.get("pw", ""))
-        return await asyncio.get_running_loop().run_in_executor(None, users.verify, user, password)
+        return await self.broker.check_password(self, user, password)
 
     def _publish(self, header: Header, body: bytes) -> None:
         topic = header.get("t")
