@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -96,6 +97,10 @@ class MarkerConfig:
     otlp_max_body_bytes: int = 4 * 1024 * 1024
     otlp_timeout_ms: int = 5000
     jaeger_ui_url: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -344,6 +349,16 @@ def _cross_checks(config: Config, source: str) -> list[ConfigProblem]:
             bad(path, str(exc))
     if not config.marker.amps_websocket_upstream.startswith(("ws://", "wss://")):
         bad("marker.amps_websocket_upstream", "must be a ws:// or wss:// URL")
+    for i, origin in enumerate(config.marker.allowed_origins):
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            bad(
+                f"marker.allowed_origins[{i}]",
+                f"must be an origin like https://marker.example.com[:PORT], got {origin!r}",
+            )
+    for key in ("header_timeout_s", "body_timeout_s"):
+        if getattr(config.marker, key) == 0:
+            bad(f"marker.{key}", "must be more than 0")
     if config.devbroker.max_frame_bytes < 1024:
         bad("devbroker.max_frame_bytes", "must be at least 1024")
     broker = config.devbroker

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -25,9 +27,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ampsflow.config import MarkerConfig
-from ampsflow.services.marker.server import STATIC_DIR, build_app, counters
+from ampsflow.services.marker.server import STATIC_DIR, Counters, build_app, counters
+from tests.strategies import HttpRequest, http_requests
 from tests.support.processes import Daemon, write_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -213,7 +218,7 @@ class TestStatic:
                 # A raw request line, so the client cannot normalise the path.
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 writer.write(
-                    f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
                 )
                 await writer.drain()
                 raw = await reader.read()
@@ -227,7 +232,8 @@ class TestStatic:
 class TestSecurityHeaders:
     def test_csp_allows_only_what_the_page_needs(self) -> None:
         """The CSP allows own scripts/styles and WebSockets to the serving host only."""
-        _, headers, _ = _run(lambda: _get(_config(), "/", headers={"Host": "marker.test:8080"}))
+        config = _config(allowed_hosts=("marker.test",))
+        _, headers, _ = _run(lambda: _get(config, "/", headers={"Host": "marker.test:8080"}))
         expected = (
             "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             "connect-src 'self' ws://marker.test:8080; base-uri 'none'; form-action 'none'; "
@@ -563,3 +569,358 @@ class TestProcess:
             status,
             last.startswith(f"ampsflow marker: cannot listen on 127.0.0.1:{port}"),
         ) == (1, True)
+
+
+# -- who may talk to the marker: Host and Origin ------------------------------------
+
+
+async def _status(
+    config: MarkerConfig, method: str, path: str, headers: dict[str, str], body: bytes = b""
+) -> tuple[int, Counters]:
+    async with (
+        _marker(config) as (server, app),
+        aiohttp.ClientSession() as client,
+        client.request(method, server.make_url(path), headers=headers, data=body) as response,
+    ):
+        await response.read()
+        return response.status, counters(app)
+
+
+class TestHostGuard:
+    @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.nip.io"])
+    @pytest.mark.parametrize("path", ["/", "/healthz", "/config.json", "/assets/x.js"])
+    def test_foreign_host_is_403_on_every_route(self, host: str, path: str) -> None:
+        """A DNS-rebound name in Host is refused on every route, and counted."""
+        status, seen = _run(lambda: _status(_config(), "GET", path, {"Host": host}))
+        assert (status, seen.forbidden_host) == (403, 1)
+
+    @pytest.mark.parametrize("host", ["127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:80"])
+    def test_loopback_names_are_served(self, host: str) -> None:
+        """The default allowed hosts: localhost, 127.0.0.1 and ::1, any port."""
+        status, _ = _run(lambda: _status(_config(), "GET", "/healthz", {"Host": host}))
+        assert status == 200
+
+    def test_listen_host_is_allowed_by_default(self) -> None:
+        """The listen address's host is allowed without configuring it."""
+        config = _config(listen="10.1.2.3:8080")
+        status, _ = _run(lambda: _status(config, "GET", "/", {"Host": "10.1.2.3:8080"}))
+        assert status == 200
+
+    def test_configured_hosts_replace_the_defaults(self) -> None:
+        """allowed_hosts lists the names served; localhost is then refused."""
+        config = _config(allowed_hosts=("marker.example.com",))
+        ok, _ = _run(lambda: _status(config, "GET", "/", {"Host": "marker.example.com:443"}))
+        refused, _ = _run(lambda: _status(config, "GET", "/", {"Host": "localhost"}))
+        assert (ok, refused) == (200, 403)
+
+    def test_refusal_is_logged(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A refused Host is named in a WARNING."""
+        with caplog.at_level(logging.WARNING, logger="ampsflow.services.marker.server"):
+            _run(lambda: _status(_config(), "GET", "/", {"Host": "evil.example"}))
+        assert any("'evil.example'" in r.getMessage() for r in caplog.records)
+
+    def test_a_flood_of_refusals_logs_once(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Many refusals in a burst give one WARNING, not one per request."""
+
+        async def scenario() -> None:
+            async with _marker(_config()) as (server, _), aiohttp.ClientSession() as client:
+                for _ in range(20):
+                    async with client.get(
+                        server.make_url("/"), headers={"Host": "evil.example"}
+                    ) as response:
+                        await response.read()
+
+        with caplog.at_level(logging.WARNING, logger="ampsflow.services.marker.server"):
+            _run(scenario)
+        assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
+
+
+class TestOriginGuard:
+    def test_cross_site_websocket_is_refused(self) -> None:
+        """A page on another site cannot open /amps/json (cross-site WebSocket hijacking)."""
+
+        async def scenario() -> tuple[int, int]:
+            async with (
+                _echo_broker() as url,
+                _marker(_config(amps_websocket_upstream=url)) as (
+                    server,
+                    app,
+                ),
+            ):
+                async with aiohttp.ClientSession() as client:
+                    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                        await client.ws_connect(
+                            server.make_url("/amps/json"), origin="http://evil.example"
+                        )
+                return refused.value.status, counters(app).forbidden_origin
+
+        assert _run(scenario) == (403, 1)
+
+    def test_same_origin_websocket_is_relayed(self) -> None:
+        """The page's own origin (the request's Host) opens /amps/json."""
+
+        async def scenario() -> Any:
+            async with (
+                _echo_broker() as url,
+                _marker(_config(amps_websocket_upstream=url)) as (
+                    server,
+                    _,
+                ),
+            ):
+                origin = f"http://127.0.0.1:{server.port}"
+                async with (
+                    aiohttp.ClientSession() as client,
+                    client.ws_connect(server.make_url("/amps/json"), origin=origin) as ws,
+                ):
+                    await ws.send_str("hi")
+                    return (await ws.receive(timeout=5)).data
+
+        assert _run(scenario) == "echo:hi"
+
+    def test_configured_origin_is_allowed(self) -> None:
+        """allowed_origins admits a reverse proxy's origin."""
+        config = _config(allowed_origins=("https://marker.example.com",))
+        headers = {"Origin": "https://marker.example.com"}
+        status, _ = _run(lambda: _status(config, "GET", "/healthz", headers))
+        assert status == 200
+
+    @pytest.mark.parametrize(
+        "origin", ["http://evil.example", "null", "http://127.0.0.1:1", "http://localhost.evil"]
+    )
+    def test_cross_site_span_upload_is_refused(self, origin: str) -> None:
+        """A page on another site cannot post spans either."""
+        headers = {"Origin": origin, "Content-Type": "application/x-protobuf"}
+        status, seen = _run(lambda: _status(_config(), "POST", "/v1/traces", headers, _SPANS))
+        assert (status, seen.forbidden_origin) == (403, 1)
+
+    def test_bad_origin_is_not_forwarded(self) -> None:
+        """A refused upload never reaches the collector."""
+        collector = Collector()
+
+        async def scenario() -> None:
+            async with _collector(collector) as url:
+                headers = {
+                    "Origin": "http://evil.example",
+                    "Content-Type": "application/x-protobuf",
+                }
+                await _status(
+                    _config(otlp_traces_upstream=url), "POST", "/v1/traces", headers, _SPANS
+                )
+
+        _run(scenario)
+        assert collector.requests == []
+
+
+# -- what /v1/traces takes ----------------------------------------------------------
+
+
+class TestOtlpInput:
+    @pytest.mark.parametrize(
+        "content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded", ""]
+    )
+    def test_non_protobuf_is_415(self, content_type: str) -> None:
+        """Only OTLP/HTTP protobuf is accepted; the rest is 415 and counted."""
+        headers = {"Content-Type": content_type}
+        status, seen = _run(lambda: _status(_config(), "POST", "/v1/traces", headers, _SPANS))
+        assert (status, seen.otlp_unsupported_media_type) == (415, 1)
+
+    @pytest.mark.parametrize("encoding", ["br", "deflate", "zstd", "gzip, br"])
+    def test_unknown_encoding_is_415(self, encoding: str) -> None:
+        """Only identity and gzip bodies are accepted."""
+        headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": encoding}
+        status, _ = _run(lambda: _status(_config(), "POST", "/v1/traces", headers, _SPANS))
+        assert status == 415
+
+    def test_gzip_body_arrives_as_gzip(self) -> None:
+        """A gzip upload reaches the collector as the same gzip bytes, labelled gzip."""
+        received: list[tuple[str | None, bytes]] = []
+
+        async def handle(request: web.Request) -> web.Response:
+            received.append((request.headers.get("Content-Encoding"), await request.read()))
+            return web.Response(body=b"", content_type="application/x-protobuf")
+
+        async def scenario() -> None:
+            app = web.Application(handler_args={"auto_decompress": False})
+            app.router.add_post("/v1/traces", handle)
+            async with _serve(app) as upstream:
+                config = _config(otlp_traces_upstream=str(upstream.make_url("/v1/traces")))
+                headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+                await _status(config, "POST", "/v1/traces", headers, gzip.compress(_SPANS))
+
+        _run(scenario)
+        assert [(e, gzip.decompress(b)) for e, b in received] == [("gzip", _SPANS)]
+
+
+# -- slow clients ------------------------------------------------------------------
+
+
+class TestSlowClients:
+    def test_slow_body_is_408(self) -> None:
+        """A body that stops arriving gets 408 after body_timeout_s, and is counted."""
+
+        async def scenario() -> tuple[bytes, int]:
+            async with _marker(_config(body_timeout_s=0.3)) as (server, app):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(
+                    b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/x-protobuf\r\nContent-Length: 1000\r\n\r\nabc"
+                )
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), timeout=10)
+                writer.close()
+                return line, counters(app).body_timeouts
+
+        line, timeouts = _run(scenario)
+        assert (line.split(b" ")[1], timeouts) == (b"408", 1)
+
+    @pytest.mark.slow
+    def test_slowloris_connections_are_closed(self) -> None:
+        """3,000 connections that never finish their headers (some trickling a byte at a
+        time) are all closed by the server after header_timeout_s, and /healthz answers
+        throughout."""
+        count, trickling, timeout_s = 3000, 200, 1.0
+
+        async def scenario() -> tuple[int, int, int]:
+            async with _marker(_config(header_timeout_s=timeout_s)) as (server, _):
+                conns = []
+                for _ in range(count):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                    writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
+                    conns.append((reader, writer))
+                started = asyncio.get_running_loop().time()
+
+                async def trickle(writer: asyncio.StreamWriter) -> None:
+                    with contextlib.suppress(ConnectionError):
+                        while not writer.is_closing():
+                            writer.write(b"a")
+                            await asyncio.sleep(0.2)
+
+                tricklers = [asyncio.create_task(trickle(w)) for _, w in conns[:trickling]]
+                async with (
+                    aiohttp.ClientSession() as client,
+                    client.get(server.make_url("/healthz")) as response,
+                ):
+                    health = response.status
+
+                async def closed(reader: asyncio.StreamReader) -> bool:
+                    try:
+                        rest = await asyncio.wait_for(reader.read(), timeout=timeout_s + 10)
+                    except TimeoutError:
+                        return False
+                    except ConnectionError:
+                        return True  # reset by the server: closed too
+                    return rest == b""
+
+                results = await asyncio.gather(*(closed(r) for r, _ in conns))
+                elapsed = asyncio.get_running_loop().time() - started
+                for task in tricklers:
+                    task.cancel()
+                for _, writer in conns:
+                    writer.close()
+                return health, sum(results), int(elapsed < timeout_s + 10)
+
+        assert _run(scenario) == (200, count, 1)
+
+
+# -- property: whatever arrives, the marker keeps serving and forwards only what it should
+
+
+@dataclass
+class _Threaded:
+    """A marker and its fake collector served from a loop in another thread."""
+
+    port: int
+    collector: Collector
+    app: web.Application
+
+
+@contextmanager
+def _threaded_marker(**overrides: Any) -> Iterator[_Threaded]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    collector = Collector()
+    stack = contextlib.AsyncExitStack()
+
+    async def start() -> _Threaded:
+        url = await stack.enter_async_context(_collector(collector))
+        config = _config(otlp_traces_upstream=url, otlp_max_body_bytes=4096, **overrides)
+        server, app = await stack.enter_async_context(_marker(config))
+        return _Threaded(server.port, collector, app)
+
+    try:
+        yield asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+    finally:
+        asyncio.run_coroutine_threadsafe(stack.aclose(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def _send_raw(port: int, data: bytes) -> int | None:
+    """Send one raw request; the response status, or None if the server closed first."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(ConnectionError):
+            sock.sendall(data)
+        chunks = []
+        with contextlib.suppress(ConnectionError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    head = b"".join(chunks).split(b"\r\n", 1)[0].split(b" ")
+    return int(head[1]) if len(head) > 1 and head[1].isdigit() else None
+
+
+def _still_serving(port: int) -> bool:
+    for path, marker in (("/healthz", b'"status"'), ("/", b"<!doctype html>")):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            if response.status != 200 or marker not in response.read().lower():
+                return False
+    return True
+
+
+_OWN_HOSTS = ("127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "127.0.0.1")
+
+
+def _should_forward(request: HttpRequest, port: int) -> bool:
+    own = {h.replace("{port}", str(port)) for h in _OWN_HOSTS}
+    host = None if request.host is None else request.host.replace("{port}", str(port))
+    origin = None if request.origin is None else request.origin.replace("{port}", str(port))
+    media = (request.content_type or "").split(";")[0].strip()
+    return (
+        request.method == "POST"
+        and request.path == "/v1/traces"
+        and host in own
+        and (origin is None or origin == f"http://{host}")
+        and media in ("application/x-protobuf", "application/protobuf")
+        and (request.content_encoding or "identity").lower() in ("identity", "gzip")
+        and len(request.body) <= 4096
+    )
+
+
+class TestHostileRequestsProperty:
+    @given(
+        requests=st.lists(
+            http_requests(own_hosts=_OWN_HOSTS, bodies=st.binary(max_size=6000)),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    def test_property_serves_and_forwards_only_what_it_should(
+        self, threaded: _Threaded, requests: list[HttpRequest]
+    ) -> None:
+        """Hostile Host, Origin, Content-Type, Content-Encoding and bodies: the marker
+        still serves /healthz and the page, and the collector receives exactly the
+        uploads that pass every check."""
+        before = len(threaded.collector.requests)
+        expected = [r.body for r in requests if _should_forward(r, threaded.port)]
+        for request in requests:
+            _send_raw(threaded.port, request.raw(port=threaded.port))
+        assert _still_serving(threaded.port)
+        assert [body for _, body in threaded.collector.requests[before:]] == expected
+
+
+@pytest.fixture
+def threaded() -> Iterator[_Threaded]:
+    with _threaded_marker() as marker:
+        yield marker

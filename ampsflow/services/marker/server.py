@@ -15,6 +15,11 @@ broker has to allow cross-origin requests:
   they are) to the broker's WebSocket listener ``amps_websocket_upstream``.
 - ``/healthz``: liveness plus the proxy counters.
 
+Every request passes the Host check and, when it carries an ``Origin``, the
+Origin check of :mod:`ampsflow.services.marker.guard` (403 otherwise). A
+connection that does not complete its request headers within
+``header_timeout_s`` is closed; a body slower than ``body_timeout_s`` gets 408.
+
 Every response carries security headers and a Content-Security-Policy that
 allows the page's own scripts and styles and connections to its own origin
 (plus ``amps_websocket_url`` when the page talks to the broker directly).
@@ -44,6 +49,7 @@ from ampsflow.adapters.systemd import Notifier
 from ampsflow.config import Config, MarkerConfig, parse_host_port
 from ampsflow.errors import StartupError
 from ampsflow.logs import configure_logging
+from ampsflow.services.marker.guard import Guard
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,15 @@ _CONTENT_TYPES = {
 
 _COMPRESSIBLE = ("text/", "application/json", "image/svg+xml")
 _MIN_GZIP_BYTES = 1024
+
+OTLP_CONTENT_TYPES = ("application/x-protobuf", "application/protobuf")
+"""Media types accepted on ``/v1/traces``: OTLP/HTTP protobuf (OTLP/JSON gets 415)."""
+
+OTLP_CONTENT_ENCODINGS = ("identity", "gzip")
+"""Content-Encodings accepted on ``/v1/traces`` (what OTLP exporters send)."""
+
+REFUSAL_LOG_INTERVAL_S = 10.0
+"""Refused requests are logged at WARNING at most once per interval and kind."""
 
 _HOST_HEADER = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
@@ -191,12 +206,38 @@ class Counters:
     ws_sessions_active: int = 0
     ws_upstream_failures: int = 0
     ws_messages_relayed: int = 0
+    forbidden_host: int = 0
+    forbidden_origin: int = 0
+    otlp_unsupported_media_type: int = 0
+    body_timeouts: int = 0
+
+
+@dataclass(slots=True)
+class _RefusalLog:
+    """WARNING for the first refusal of a kind per interval, DEBUG for the rest."""
+
+    last: dict[str, float] = field(default_factory=dict)
+    suppressed: dict[str, int] = field(default_factory=dict)
+
+    def log(self, kind: str, message: str, *args: object) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self.last.get(kind, -REFUSAL_LOG_INTERVAL_S) >= REFUSAL_LOG_INTERVAL_S:
+            self.last[kind] = now
+            quiet = self.suppressed.pop(kind, 0)
+            logger.warning(message, *args)
+            if quiet:
+                logger.warning("(%d more refused like that since the last report)", quiet)
+        else:
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            logger.debug(message, *args)
 
 
 @dataclass(slots=True)
 class _State:
     config: MarkerConfig
     static: dict[str, StaticFile]
+    guard: Guard
+    refusals: _RefusalLog = field(default_factory=_RefusalLog)
     counters: Counters = field(default_factory=Counters)
     session: aiohttp.ClientSession | None = None
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
@@ -228,6 +269,47 @@ async def _security_headers(
     if isinstance(response, web.HTTPException):
         raise response
     return response
+
+
+def _printable(value: str | None, limit: int = 120) -> str:
+    """A header value safe for one log line."""
+    if value is None:
+        return "(none)"
+    return repr(value[:limit] + ("…" if len(value) > limit else ""))
+
+
+@web.middleware
+async def _guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    state = request.app[_STATE]
+    host = request.headers.get("Host")
+    if not state.guard.host_allowed(host):
+        state.counters.forbidden_host += 1
+        state.refusals.log(
+            "host",
+            "refused %s %s from %s: Host %s is not in marker.allowed_hosts",
+            request.method,
+            request.path[:100],
+            request.remote,
+            _printable(host),
+        )
+        return _json_error(403, "forbidden host", "this Host is not in marker.allowed_hosts")
+    origin = request.headers.get("Origin")
+    if not state.guard.origin_allowed(origin, host):
+        state.counters.forbidden_origin += 1
+        state.refusals.log(
+            "origin",
+            "refused %s %s from %s: Origin %s is neither the marker nor in marker.allowed_origins",
+            request.method,
+            request.path[:100],
+            request.remote,
+            _printable(origin),
+        )
+        return _json_error(
+            403, "forbidden origin", "this Origin is neither the marker nor in allowed_origins"
+        )
+    return await handler(request)
 
 
 async def _static(request: web.Request) -> web.StreamResponse:
@@ -264,18 +346,36 @@ async def _healthz(request: web.Request) -> web.Response:
     )
 
 
-async def _read_capped(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it exceeds ``limit`` bytes."""
+async def _read_capped(request: web.Request, limit: int, timeout_s: float) -> bytes | None:
+    """The request body as received (still compressed), or None once it exceeds ``limit``.
+
+    Raises:
+        TimeoutError: when the whole body has not arrived within ``timeout_s``.
+    """
     if request.content_length is not None and request.content_length > limit:
         return None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    async with asyncio.timeout(timeout_s):
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _unsupported_otlp(request: web.Request) -> str | None:
+    """Why ``/v1/traces`` cannot take this request's body, or None."""
+    if request.content_type not in OTLP_CONTENT_TYPES:
+        return (
+            f"Content-Type {request.headers.get('Content-Type', '(none)')[:80]!r} is not "
+            "OTLP/HTTP protobuf (application/x-protobuf)"
+        )
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in OTLP_CONTENT_ENCODINGS:
+        return f"Content-Encoding {encoding[:40]!r} is not supported (identity or gzip)"
+    return None
 
 
 def _otlp_failed(state: _State, message: str, *args: object) -> None:
@@ -290,7 +390,22 @@ def _otlp_failed(state: _State, message: str, *args: object) -> None:
 async def _traces(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     config = state.config
-    body = await _read_capped(request, config.otlp_max_body_bytes)
+    unsupported = _unsupported_otlp(request)
+    if unsupported is not None:
+        state.counters.otlp_unsupported_media_type += 1
+        state.refusals.log("otlp-type", "refused an OTLP upload: %s", unsupported)
+        return _json_error(415, "unsupported media type", unsupported)
+    try:
+        body = await _read_capped(request, config.otlp_max_body_bytes, config.body_timeout_s)
+    except TimeoutError:
+        state.counters.body_timeouts += 1
+        state.refusals.log(
+            "body-timeout",
+            "an OTLP body from %s took over %.0f s",
+            request.remote,
+            config.body_timeout_s,
+        )
+        return _json_error(408, "request timeout", "the body did not arrive in time")
     if body is None:
         state.counters.otlp_too_large += 1
         logger.warning(
@@ -303,6 +418,8 @@ async def _traces(request: web.Request) -> web.Response:
         # An empty body is an empty ExportTraceServiceResponse: success for the exporter.
         return web.Response(status=200, content_type="application/x-protobuf")
     assert state.session is not None
+    # The bytes are forwarded as received (the server does not decompress
+    # request bodies), so their Content-Encoding still describes them.
     headers = {"Content-Type": request.headers.get("Content-Type", "application/x-protobuf")}
     if "Content-Encoding" in request.headers:
         headers["Content-Encoding"] = request.headers["Content-Encoding"]
@@ -441,8 +558,21 @@ def build_app(config: MarkerConfig, *, static_dir: Path = STATIC_DIR) -> web.App
     Raises:
         StartupError: when the page is missing from ``static_dir``.
     """
-    app = web.Application(middlewares=[_security_headers])
-    app[_STATE] = _State(config=config, static=load_static(static_dir))
+    # keepalive_timeout doubles as the header timeout: aiohttp closes a
+    # connection that has not delivered a complete request within it, from
+    # connect and from the end of each response. Bodies are kept as
+    # received, so a gzip upload is forwarded as gzip.
+    app = web.Application(
+        middlewares=[_security_headers, _guard],
+        handler_args={"keepalive_timeout": config.header_timeout_s, "auto_decompress": False},
+    )
+    host, _ = parse_host_port(config.listen)
+    guard = Guard.build(
+        listen_host=host,
+        allowed_hosts=config.allowed_hosts,
+        allowed_origins=config.allowed_origins,
+    )
+    app[_STATE] = _State(config=config, static=load_static(static_dir), guard=guard)
     app.cleanup_ctx.append(_client_session)
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(_hide_server_header)
