@@ -45,7 +45,6 @@ HOSTILE_HOSTS = (
     "[::1",
     "xn--80ak6aa92e.com",
     "@127.0.0.1",
-    "127.0.0.1\t",
 )
 """Host header values the default marker must refuse."""
 

@@ -76,7 +76,8 @@ async def _serve(app: web.Application) -> AsyncIterator[TestServer]:
 
 @asynccontextmanager
 async def _collector(collector: Collector) -> AsyncIterator[str]:
-    app = web.Application()
+    # Bodies are recorded as they arrive, gzip or not.
+    app = web.Application(handler_args={"auto_decompress": False})
     app.router.add_post("/v1/traces", collector.handle)
     async with _serve(app) as server:
         yield str(server.make_url("/v1/traces"))

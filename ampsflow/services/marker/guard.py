@@ -32,6 +32,10 @@ _NAME = re.compile(r"^[a-z0-9.\-_]+$")
 _V6 = re.compile(r"^\[([0-9a-f:.]+)\]$")
 
 
+def _port_ok(port: str) -> bool:
+    return port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535
+
+
 def host_name(value: str | None) -> str | None:
     """The host name of a ``Host`` header (lowercase, no port, IPv6 without brackets).
 
@@ -46,12 +50,12 @@ def host_name(value: str | None) -> str | None:
         if end < 0:
             return None
         rest = value[end + 1 :]
-        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        if rest and not (rest.startswith(":") and _port_ok(rest[1:])):
             return None
         match = _V6.match(value[: end + 1])
         return match.group(1) if match else None
     name, sep, port = value.partition(":")
-    if sep and not (port.isdigit() and len(port) <= 5):
+    if sep and not _port_ok(port):
         return None
     if not name or not _NAME.match(name):
         return None
