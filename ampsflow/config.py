@@ -69,6 +69,8 @@ class ProcessorConfig:
     carrier: Literal["header", "payload", "both"] = "both"
     state_dir: str = "/var/lib/ampsflow/processor"
     max_message_bytes: int = 16 * 1024 * 1024
+    input_mode: Literal["bookmark", "queue"] = "bookmark"
+    max_backlog: int = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +106,37 @@ class MarkerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DevbrokerQueueConfig:
+    """One message queue of the devbroker (``devbroker.queues`` entry)."""
+
+    name: str
+    underlying_topic: str | None = None
+    semantics: Literal["at-least-once", "at-most-once"] = "at-least-once"
+    fairness: Literal["round-robin", "proportional"] = "round-robin"
+    max_per_subscription_backlog: int = 10
+    lease_period_s: float = 60.0
+
+    @property
+    def topic(self) -> str:
+        """The topic (or regular expression) whose messages enter the queue."""
+        return self.underlying_topic or self.name
+
+
+UNSUPPORTED_QUEUE_KEYS = {
+    "priority": "priority queues",
+    "barrier_expression": "barrier expressions",
+    "barrier": "barrier expressions",
+    "max_cancels": "cancel limits",
+    "max_deliveries": "delivery limits",
+    "expiration": "message expiration",
+    "filter": "queue filters",
+    "projection": "projection",
+    "delivery_fairness": "delivery fairness (use fairness)",
+}
+"""AMPS ``<Queue>`` features the devbroker does not implement, refused with their name."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DevbrokerConfig:
     """The AMPS-protocol-compatible development broker."""
 
@@ -121,6 +154,7 @@ class DevbrokerConfig:
     max_connections: int = 1000
     logon_timeout_s: float = 10.0
     max_concurrent_logons: int = 2
+    queues: tuple[DevbrokerQueueConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,12 +272,51 @@ def _build(
                 )
             )
             continue
+        if hints[key] == tuple[DevbrokerQueueConfig, ...]:
+            queues = _build_queues(item, key_path, source, problems)
+            if queues is not None:
+                kwargs[key] = queues
+            continue
         ok, converted, message = _convert(hints[key], item)
         if ok:
             kwargs[key] = converted
         else:
             problems.append(ConfigProblem(source, key_path, message))
     return cls(**kwargs) if len(problems) == before else None
+
+
+def _build_queues(
+    value: object, path: str, source: str, problems: list[ConfigProblem]
+) -> tuple[DevbrokerQueueConfig, ...] | None:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, list):
+        problems.append(ConfigProblem(source, path, f"must be a list, got {_describe(value)}"))
+        return None
+    before = len(problems)
+    queues: list[DevbrokerQueueConfig] = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if isinstance(item, Mapping):
+            for key in item:
+                if key in UNSUPPORTED_QUEUE_KEYS:
+                    problems.append(
+                        ConfigProblem(
+                            source,
+                            f"{where}.{key}",
+                            f"{UNSUPPORTED_QUEUE_KEYS[key]} are not supported by the devbroker",
+                        )
+                    )
+            if "name" not in item:
+                problems.append(ConfigProblem(source, f"{where}.name", "is required"))
+                continue
+            entry: object = {k: v for k, v in item.items() if k not in UNSUPPORTED_QUEUE_KEYS}
+        else:
+            entry = item
+        built = _build(DevbrokerQueueConfig, entry, where, source, problems)
+        if built is not None:
+            queues.append(built)
+    return tuple(queues) if len(problems) == before else None
 
 
 def _convert(hint: Any, value: object) -> tuple[bool, Any, str]:
@@ -336,6 +409,8 @@ def _cross_checks(config: Config, source: str) -> list[ConfigProblem]:
         config.processor.output_topic,
     ):
         bad("processor.dead_letter_topic", "must differ from the input and output topics")
+    if config.processor.max_backlog == 0:
+        bad("processor.max_backlog", "must be at least 1")
     if config.persister.max_batch_lines == 0:
         bad("persister.max_batch_lines", "must be at least 1")
     for path, value in (
@@ -370,6 +445,18 @@ def _cross_checks(config: Config, source: str) -> list[ConfigProblem]:
         bad("devbroker.max_concurrent_logons", "must be at least 1")
     if broker.logon_timeout_s == 0:
         bad("devbroker.logon_timeout_s", "must be above 0")
+    seen: dict[str, int] = {}
+    for i, queue in enumerate(config.devbroker.queues):
+        where = f"devbroker.queues[{i}]"
+        if queue.name in seen:
+            bad(f"{where}.name", f"{queue.name!r} is already queue {seen[queue.name]}")
+        seen.setdefault(queue.name, i)
+        if queue.max_per_subscription_backlog == 0:
+            bad(f"{where}.max_per_subscription_backlog", "must be at least 1")
+        if queue.lease_period_s <= 0:
+            bad(f"{where}.lease_period_s", "must be above 0")
+        if queue.name.startswith("\x00"):
+            bad(f"{where}.name", "must not start with a NUL character")
     return problems
 
 

@@ -133,3 +133,28 @@ def http_requests(
         content_encoding=st.one_of(st.none(), st.sampled_from(CONTENT_ENCODINGS)),
         body=maybe_gzip,
     )
+
+
+# -- devbroker queues ---------------------------------------------------------------
+
+QUEUE_OPERATION_NAMES = (
+    "offer",
+    "subscribe",
+    "unsubscribe",
+    "ack",
+    "cancel",
+    "expire",
+    "advance",
+    "dispatch",
+)
+
+queue_operation = st.tuples(
+    st.sampled_from(QUEUE_OPERATION_NAMES),
+    st.integers(min_value=0, max_value=30),
+    st.integers(min_value=0, max_value=5),
+)
+"""What can happen to a devbroker queue, ``(name, a, b)``: ``a`` picks a message or a
+subscription, ``b`` a count or a time step."""
+
+queue_operations = st.lists(queue_operation, max_size=120)
+"""Sequences of queue events, for the property tests of :mod:`ampsflow.devbroker.queues`."""

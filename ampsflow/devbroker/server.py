@@ -43,6 +43,8 @@ from ampsflow.config import Config, DevbrokerConfig, parse_host_port
 from ampsflow.devbroker import protocol
 from ampsflow.devbroker.auth import Users
 from ampsflow.devbroker.bookmarks import ReplaySpec
+from ampsflow.devbroker.queueing import QueueService
+from ampsflow.devbroker.queues import RECORD_TOPIC
 from ampsflow.devbroker.session import MALFORMED, Connection, Counters, Subscription
 from ampsflow.devbroker.txlog import LogEntry, ReplayCursor, TransactionLog
 from ampsflow.errors import AuthError, OversizedHeaderError, ProtocolError, TransactionLogError
@@ -145,6 +147,7 @@ class Broker:
             retention_age_s=config.retention_age_s,
         )
         self.delivered_position = 0
+        self.queues = QueueService(self, config.queues)
         self._pending: deque[LogEntry] = deque()
         self._after: deque[tuple[int, Callable[[], None]]] = deque()
         self._ack_conns: set[Connection] = set()
@@ -217,6 +220,7 @@ class Broker:
             report.segments,
             report.last_position,
         )
+        self.queues.open(self.log)
         self.delivered_position = self.log.durable_position
         self._dirty = asyncio.Event()
         self._spawn(self._committer())
@@ -274,7 +278,7 @@ class Broker:
         if self._loop is not None:
             self._loop.set_exception_handler(self._previous_handler)
         self.log.close()
-        logger.info("devbroker stopped: %s", self.counters.as_text())
+        logger.info("devbroker stopped: %s %s", self.counters.as_text(), self.queues.stats_text())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -389,6 +393,7 @@ class Broker:
         with contextlib.suppress(ValueError):
             self._subs.remove(sub)
         self._topic_cache.clear()
+        self.queues.remove(sub)
 
     # ------------------------------------------------------------------ publishing
 
@@ -406,6 +411,21 @@ class Broker:
         )
         self._pending.append(entry)
         self.counters.published += 1
+        assert self._dirty is not None
+        self._dirty.set()
+
+    def append_record(self, topic: str, client_name: str, body: bytes) -> None:
+        """Append a broker record (never delivered to subscriptions) to the log."""
+        self._pending.append(
+            self.log.append(
+                topic=topic,
+                client_name=client_name,
+                correlation_id=None,
+                body=body,
+                client_seq=None,
+                timestamp_us=time.time_ns() // 1000,
+            )
+        )
         assert self._dirty is not None
         self._dirty.set()
 
@@ -472,6 +492,8 @@ class Broker:
             while pending and pending[0].position <= durable:
                 batch.append(pending.popleft())
             self._fan_out(batch)
+            if self.queues:
+                self.queues.on_committed(batch)
         self.delivered_position = max(self.delivered_position, durable)
         if self._ack_conns:
             for conn in list(self._ack_conns):
@@ -497,7 +519,11 @@ class Broker:
             if subs is None:
                 if len(cache) > 10_000:
                     cache.clear()
-                subs = [s for s in self._subs if s.matches_topic(entry.topic)]
+                subs = [
+                    s
+                    for s in self._subs
+                    if entry.topic != RECORD_TOPIC and s.matches_topic(entry.topic)
+                ]
                 cache[entry.topic] = subs
             if subs:
                 try:
@@ -552,7 +578,7 @@ class Broker:
                     cursor, up_to=self.delivered_position, limit=REPLAY_CHUNK
                 )
                 for entry in entries:
-                    if not sub.matches_topic(entry.topic):
+                    if entry.topic == RECORD_TOPIC or not sub.matches_topic(entry.topic):
                         continue
                     if sub.matches_body is not None and not sub.matches_body(
                         _parse_body(entry.body)
@@ -588,14 +614,20 @@ class Broker:
                     self.counters.internal_errors += 1
                     logger.exception("%r: periodic work failed; closing", conn)
                     conn.close("internal error")
+            try:
+                self.queues.tick()
+            except Exception:
+                self.counters.internal_errors += 1
+                logger.exception("queue lease expiry failed")
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 logger.debug(
-                    "devbroker: %d connections, %d subscriptions, log position %d; %s",
+                    "devbroker: %d connections, %d subscriptions, log position %d; %s %s",
                     len(self._conns),
                     len(self._subs),
                     self.delivered_position,
                     self.counters.as_text(),
+                    self.queues.stats_text(),
                 )
             if now >= next_retention:
                 next_retention = now + RETENTION_INTERVAL_S

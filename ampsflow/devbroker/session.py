@@ -145,6 +145,23 @@ class Subscription:
         self.sid = protocol.sid_literal(self.sub_id)
 
 
+class SessionQueues(Protocol):
+    """The broker's message queues as a connection uses them
+    (:class:`~ampsflow.devbroker.queueing.QueueService` implements it)."""
+
+    def is_queue(self, topic: object) -> bool:
+        """Whether ``topic`` names a queue."""
+        ...
+
+    def subscribe(self, conn: Connection, header: Header, sub_id: str) -> None:
+        """Place a queue subscription and answer the command."""
+        ...
+
+    def sow_delete(self, conn: Connection, header: Header) -> None:
+        """Handle a queue ack (``sow_delete`` by bookmark) and answer the command."""
+        ...
+
+
 class SessionBroker(Protocol):
     """What a :class:`Connection` needs from the broker (:class:`~ampsflow.devbroker.server.Broker`
     implements it); the connection knows the broker only through this."""
@@ -152,6 +169,11 @@ class SessionBroker(Protocol):
     counters: Counters
     users: Users | None
     config: DevbrokerConfig
+
+    @property
+    def queues(self) -> SessionQueues:
+        """The broker's message queues."""
+        ...
 
     @property
     def log(self) -> TransactionLog:
@@ -345,6 +367,8 @@ class Connection:
             self._unsubscribe(header)
         elif cmd == "flush":
             self._flush_command(header)
+        elif cmd == "sow_delete" and self.broker.queues.is_queue(header.get("t")):
+            self.broker.queues.sow_delete(self, header)
         elif cmd == "sow_delete" and header.get("cid") == QUEUE_ACK_CID:
             self._queue_ack(header)
         elif cmd in UNSUPPORTED:
@@ -483,9 +507,9 @@ class Connection:
 
     def _publish(self, header: Header, body: bytes) -> None:
         topic = header.get("t")
-        if not topic or not isinstance(topic, str):
+        if not topic or not isinstance(topic, str) or topic.startswith("\x00"):
             self.broker.counters.malformed_frames += 1
-            logger.warning("%r: publish without a topic", self)
+            logger.warning("%r: publish without a (usable) topic", self)
             self.nack(header, "invalid topic")
             return
         seq = protocol.parse_sequence(header.get("s"))
@@ -553,6 +577,9 @@ class Connection:
             return
         if sub_id in self.subs and "replace" not in opts:
             self.nack(header, "subscription already exists")
+            return
+        if self.broker.queues.is_queue(topic):
+            self.broker.queues.subscribe(self, header, sub_id)
             return
         try:
             matches_topic = compile_topic(topic)
