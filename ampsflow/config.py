@@ -22,6 +22,9 @@ from ampsflow.errors import ConfigError, ConfigProblem
 
 DEFAULT_CONFIG_PATH = Path("/etc/ampsflow/ampsflow.yaml")
 
+MIN_MESSAGE_BYTES = 4096
+"""Smallest ``max_message_bytes``: room for a dead-letter envelope's own fields."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AmpsConfig:
@@ -84,6 +87,7 @@ class PersisterConfig:
     max_batch_delay_ms: int = 5
     state_dir: str = "/var/lib/ampsflow/persister"
     retry_max_delay_ms: int = 5000
+    max_message_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -411,6 +415,9 @@ def _cross_checks(config: Config, source: str) -> list[ConfigProblem]:
         bad("processor.dead_letter_topic", "must differ from the input and output topics")
     if config.processor.max_backlog == 0:
         bad("processor.max_backlog", "must be at least 1")
+    for section in ("processor", "persister"):
+        if getattr(config, section).max_message_bytes < MIN_MESSAGE_BYTES:
+            bad(f"{section}.max_message_bytes", f"must be at least {MIN_MESSAGE_BYTES}")
     if config.persister.max_batch_lines == 0:
         bad("persister.max_batch_lines", "must be at least 1")
     for path, value in (

@@ -3,6 +3,9 @@
 Profiles: ``ci`` (the default; bounded so the suite stays fast) and ``long``
 for a deeper run, e.g. ``HYPOTHESIS_PROFILE=long python -m pytest
 tests/integration/test_marker_server.py -k property``.
+
+Strategies: HTTP requests to the marker (:func:`http_requests`), and message
+bodies for the processor and persister (:func:`hostile_bodies`).
 """
 
 from __future__ import annotations
@@ -158,3 +161,138 @@ subscription, ``b`` a count or a time step."""
 
 queue_operations = st.lists(queue_operation, max_size=120)
 """Sequences of queue events, for the property tests of :mod:`ampsflow.devbroker.queues`."""
+
+
+# -- message bodies for the processor and persister ------------------------------------
+#
+# Generated as *text a client could publish*, not as Python values, so they include
+# what a JSON encoder never writes: escapes of lone surrogates, raw control
+# characters, numbers no double holds, duplicate keys, deep nesting, NaN, and bodies
+# that are not UTF-8 or not an object at all.
+
+LONG_FACTOR = 10
+"""How many times more examples a process-driving test runs under the ``long`` profile."""
+
+
+def examples(ci: int) -> int:
+    """``ci`` examples, or :data:`LONG_FACTOR` times as many under the ``long`` profile.
+
+    For tests that set their own ``max_examples`` (those driving real processes,
+    and the fast pure ones that run more than the profile's default).
+    """
+    return ci * LONG_FACTOR if os.environ.get("HYPOTHESIS_PROFILE") == "long" else ci
+
+
+_plain_chars = st.characters(exclude_characters='"\\', exclude_categories=("Cs", "Cc"))
+
+_string_piece = st.one_of(
+    st.text(_plain_chars, max_size=6),
+    # Any \uXXXX escape: lone surrogates, valid pairs when two meet, escaped controls.
+    st.integers(0, 0xFFFF).map(lambda c: f"\\u{c:04x}"),
+    st.sampled_from(["\\ud83d\\ude00", '\\"', "\\\\", "\\n", "\\/", "\\t"]),
+    # A raw control character inside a string is not JSON.
+    st.integers(0, 0x1F).map(chr),
+)
+
+json_string_text = st.lists(_string_piece, max_size=6).map(lambda parts: '"' + "".join(parts) + '"')
+"""A JSON string literal as text (not always valid: raw controls, lone surrogates)."""
+
+json_number_text = st.one_of(
+    st.integers().map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.integers(-400, 400).map(lambda e: f"1e{e}"),
+    st.integers(4290, 4310).map(lambda n: "9" * n),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1E400", "-0", "1.0e+15"]),
+)
+"""A number as text: ordinary, huge, out of range for a double, or not JSON."""
+
+_keys = st.one_of(
+    # A small alphabet so that duplicates (also via escapes: "\u0061" is "a") are common.
+    st.sampled_from(['"a"', '"b"', '"\\u0061"', '"id2"']),
+    json_string_text,
+)
+
+
+def _array(items: list[str]) -> str:
+    return "[" + ",".join(items) + "]"
+
+
+def _object(members: list[tuple[str, str]]) -> str:
+    return "{" + ",".join(f"{k}:{v}" for k, v in members) + "}"
+
+
+json_value_text = st.recursive(
+    st.one_of(
+        json_string_text,
+        json_number_text,
+        st.sampled_from(["true", "false", "null"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(_array),
+        st.lists(st.tuples(_keys, inner), max_size=4).map(_object),
+    ),
+    max_leaves=12,
+)
+"""Any JSON-ish value as text, nested a few levels."""
+
+deep_nesting_text = st.tuples(st.integers(1, 3000), st.sampled_from(["[", '{"a":'])).map(
+    lambda t: t[1] * t[0] + "1" + ("]" if t[1] == "[" else "}") * t[0]
+)
+"""An array or object nested up to 3,000 levels deep."""
+
+
+def big_string_text(max_bytes: int) -> st.SearchStrategy[str]:
+    """A JSON string of up to ``max_bytes`` of one repeated piece (plain, escape, or control)."""
+    return st.tuples(
+        st.integers(1, max_bytes),
+        st.sampled_from(["x", "é", "\\u0001", "\\ud800", "\x01", "\\\\"]),
+    ).map(lambda t: '"' + t[1] * max(1, t[0] // len(t[1].encode())) + '"')
+
+
+def expanding_numbers_text(max_bytes: int) -> st.SearchStrategy[str]:
+    """An array of ``1e15`` (Python writes it back as ``1000000000000000.0``, four times longer)."""
+    return st.integers(1, max_bytes // 5).map(lambda n: "[" + ",".join(["1e15"] * n) + "]")
+
+
+# -- whole bodies --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A generated body: the bytes, and the ``id`` it carries when it is an object."""
+
+    data: bytes
+    ident: str | None
+    kind: str
+
+    def __repr__(self) -> str:
+        preview = self.data[:120]
+        more = f"... ({len(self.data)} bytes)" if len(self.data) > 120 else ""
+        return f"Body({self.kind}, {preview!r}{more})"
+
+
+def hostile_bodies(ident: str, *, big_bytes: int = 64 * 1024) -> st.SearchStrategy[Body]:
+    """A message body of one hostile class, its ``id`` member ``ident`` when it is an object.
+
+    Objects start with ``{"id": ident`` so a test can find their persisted line;
+    other bodies are found in the dead-letter topic by their SHA-256.
+    """
+
+    def with_id(kind: str, members: list[tuple[str, str]]) -> Body:
+        text = _object([('"id"', f'"{ident}"'), *members])
+        return Body(text.encode("utf-8", "surrogatepass"), ident, kind)
+
+    def member(kind: str, value: st.SearchStrategy[str]) -> st.SearchStrategy[Body]:
+        return st.tuples(_keys, value).map(lambda kv: with_id(kind, [kv]))
+
+    return st.one_of(
+        member("value", json_value_text),
+        st.lists(st.tuples(_keys, json_value_text), max_size=6).map(
+            lambda members: with_id("members", members)
+        ),
+        member("deep", deep_nesting_text),
+        member("big string", big_string_text(big_bytes)),
+        member("expanding numbers", expanding_numbers_text(big_bytes)),
+        st.binary(max_size=64).map(lambda data: Body(data, None, "bytes")),
+        json_value_text.map(lambda text: Body(text.encode("utf-8", "surrogatepass"), None, "any")),
+    )

@@ -21,14 +21,24 @@ Per message (:meth:`Processor.handle`):
    republishes that one message after the restart, and the persister drops the
    repeat by message id.
 
-Bad input (not UTF-8, not JSON, not an object, too large) marks the span ERROR
-with ``error.type`` and an exception event, counts it
-(``ampsflow.messages.rejected``), logs it, and publishes a JSON envelope to
-``dead_letter_topic`` (see :func:`ampsflow.core.transform.dead_letter_body`),
-whose CorrelationId (header and envelope) is that of the failed span; then the
-input is discarded and the daemon carries on. If a publish cannot even be
-stored, it is retried with backoff and the input is not discarded, so nothing
-is lost; the loop carries on once the store accepts it.
+Bad input (not UTF-8, not JSON, not an object, too large, a lone surrogate,
+a duplicate key, a number out of range: the rules of
+:func:`ampsflow.core.transform.parse_body`), an output that would be over
+``max_message_bytes``, and any other exception raised while handling one
+message (``internal_error``) all become that message's rejection: the span is
+marked ERROR with ``error.type`` and an exception event, it is counted
+(``ampsflow.messages.rejected`` by ``error.type``), logged with a bounded
+preview of the body, and a JSON envelope goes to ``dead_letter_topic`` (see
+:func:`ampsflow.core.transform.dead_letter_body`; it fits
+``max_message_bytes``, the body cut short if need be), whose CorrelationId
+(header and envelope) is that of the failed span. The input is discarded only
+once the dead letter is in the publish store, and the daemon carries on. If a
+publish cannot even be stored, it is retried with backoff and the input is not
+discarded, so nothing is lost; the loop carries on once the store accepts it.
+
+A stop (SIGTERM) lets the message in hand finish; if its publish is still
+blocked in the client after :data:`DRAIN_TIMEOUT_S` (or at a second SIGTERM),
+the connection is closed under it and the message is redone at the next start.
 """
 
 from __future__ import annotations
@@ -65,6 +75,12 @@ PROCESS_SPAN = "process-message"
 
 SEND_SPAN = "send-message"
 """Name of the PRODUCER span around each publish (output or dead letter)."""
+
+DRAIN_TIMEOUT_S = 15.0
+"""How long a stop waits for the message in hand (its publish may be stuck in the
+client, e.g. re-sent to a broker that refuses it) before the AMPS connection is
+closed under it; a second SIGTERM closes it at once. Leaves time for telemetry
+under the unit's ``TimeoutStopSec=30``."""
 
 _POLL_S = 0.2
 _RETRY_MAX_S = 5.0
@@ -110,22 +126,47 @@ class Processor:
             daemon.watchdog()
             message = self._source.receive(_POLL_S)
             if message is not None:
-                self.handle(message)
+                self.handle_safely(message)
+
+    def handle_safely(self, message: Received) -> bool:
+        """:meth:`handle`, but an exception that escapes it does not stop the daemon.
+
+        :meth:`handle` already turns any exception raised while processing a
+        message into that message's rejection. What is left (a failure while
+        publishing the dead letter itself, or in the bookmark store) is logged
+        with the message's bookmark and counted as ``internal_error``; the
+        message stays undiscarded, so it is delivered again after a restart
+        rather than lost.
+        """
+        try:
+            return self.handle(message)
+        except Exception:
+            logger.exception(
+                "message %s could not be handled or dead-lettered; it stays unfinished and "
+                "is delivered again after a restart; body starts %r",
+                message.bookmark,
+                message.body[:_MAX_PREVIEW],
+            )
+            self._instruments.rejected.add(1, {"error.type": "internal_error"})
+            return False
 
     def handle(self, message: Received) -> bool:
-        """Process one message; returns whether it was finished (and discarded)."""
+        """Process one message; returns whether it was finished (and discarded).
+
+        Every exception raised while parsing, transforming or publishing the
+        output becomes a rejection of this message (``internal_error`` for
+        one that is not a :class:`~ampsflow.errors.BadMessageError`).
+        """
         started = time.perf_counter()
-        parsed: dict[str, Any] | BadMessageError
+        error: BadMessageError | None = None
+        parsed: dict[str, Any] | None = None
         try:
             parsed = transform.parse_body(message.body, max_bytes=self._config.max_message_bytes)
         except BadMessageError as exc:
-            parsed = exc
-        if isinstance(parsed, BadMessageError):
-            error: BadMessageError | None = parsed
-            payload_cid = None
-        else:
-            error = None
-            payload_cid = transform.payload_correlation_id(parsed)
+            error = exc
+        except Exception as exc:
+            error = self._internal_error(message, exc)
+        payload_cid = transform.payload_correlation_id(parsed) if parsed is not None else None
         parent, problem = extract_context(message.correlation_id, payload_cid)
         parent_span_context = get_current_span(parent).get_span_context()
         links = [Link(parent_span_context)] if parent_span_context.is_valid else []
@@ -158,19 +199,29 @@ class Processor:
                     problem,
                 )
             cid = correlation_id_of(span)
-            if isinstance(parsed, BadMessageError):
-                record_failure(span, parsed, parsed.error_type)
-                finished = self._reject(message, parsed, cid)
-            else:
-                out = transform.mark_processed(
-                    parsed, correlation_id=cid, carrier=self._config.carrier
-                )
-                header = cid if self._config.carrier in ("header", "both") else None
-                finished = self._publish(
-                    self._config.output_topic, transform.serialise(out), header
-                )
-                if finished:
-                    self.processed += 1
+            if error is None and parsed is not None:
+                try:
+                    output = transform.render_output(
+                        parsed,
+                        correlation_id=cid,
+                        carrier=self._config.carrier,
+                        max_bytes=transform.publish_budget(
+                            self._config.max_message_bytes, self._config.output_topic
+                        ),
+                    )
+                    finished = self._publish(
+                        self._config.output_topic, output.body, output.header_correlation_id
+                    )
+                except BadMessageError as exc:
+                    error = exc
+                except Exception as exc:
+                    error = self._internal_error(message, exc)
+                else:
+                    if finished:
+                        self.processed += 1
+            if error is not None:
+                record_failure(span, error, error.error_type)
+                finished = self._reject(message, error, cid)
             if finished:
                 self._source.discard(message)
         elapsed = time.perf_counter() - started
@@ -182,6 +233,17 @@ class Processor:
         self._instruments.process_duration.record(elapsed, duration_attrs)
         return finished
 
+    def _internal_error(self, message: Received, exc: Exception) -> BadMessageError:
+        logger.error(
+            "message %s: unexpected %s while processing it; rejecting it",
+            message.bookmark,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        error = BadMessageError("internal_error", f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
     def _reject(self, message: Received, error: BadMessageError, cid: str) -> bool:
         self.rejected += 1
         self._instruments.rejected.add(1, {"error.type": error.error_type})
@@ -191,7 +253,7 @@ class Processor:
             "message %s rejected (%s: %s)%s; body starts %r",
             message.bookmark,
             error.error_type,
-            error.detail,
+            error.detail[: transform.MAX_DETAIL_CHARS],
             f", sent to {topic}" if topic else ", no dead_letter_topic: dropped",
             preview,
         )
@@ -203,6 +265,7 @@ class Processor:
             topic=message.topic,
             bookmark=message.bookmark,
             correlation_id=cid,
+            max_bytes=transform.publish_budget(self._config.max_message_bytes, topic),
         )
         if not self._publish(topic, envelope, cid):
             return False
@@ -288,7 +351,18 @@ def run(config: Config, args: argparse.Namespace) -> int:
                 f"processing {section.input_topic} -> {section.output_topic} as {client.name}"
             )
             processor = Processor(section, telemetry, client, client, daemon.stop, daemon=daemon)
-            processor.run(daemon)
+            loop_done = threading.Event()
+            guard = threading.Thread(
+                target=_close_when_stuck,
+                args=(daemon, client, loop_done, DRAIN_TIMEOUT_S),
+                name="drain-deadline",
+                daemon=True,
+            )
+            guard.start()
+            try:
+                processor.run(daemon)
+            finally:
+                loop_done.set()
             logger.info(
                 "draining: %d processed, %d rejected; %d publish(es) awaiting the broker",
                 processor.processed,
@@ -307,3 +381,29 @@ def run(config: Config, args: argparse.Namespace) -> int:
     return run_daemon(
         config, args, service="processor", service_name=section.service_name, work=work
     )
+
+
+def _close_when_stuck(
+    daemon: Daemon, client: AmpsClient, loop_done: threading.Event, timeout_s: float
+) -> None:
+    """After a stop, close ``client`` if the loop has not returned within ``timeout_s``.
+
+    A publish blocks inside the AMPS client while it reconnects; if every
+    reconnect fails (a broker that drops the connection on each re-send of a
+    frame it refuses), it would block forever and SIGTERM would be ignored.
+    Closing the client makes the publish return; the message in hand stays
+    undiscarded (or its output stays in the publish store) and is redone at
+    the next start.
+    """
+    daemon.stop.wait()
+    deadline = time.monotonic() + timeout_s
+    while not loop_done.wait(_POLL_S):
+        if daemon.force.is_set() or time.monotonic() >= deadline:
+            logger.error(
+                "%s and the message in hand is not finished (its publish is blocked; %d "
+                "awaiting the broker): closing the AMPS connection",
+                "second stop signal" if daemon.force.is_set() else f"{timeout_s:.0f}s since stop",
+                client.unpersisted(),
+            )
+            client.close()
+            return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -203,6 +204,111 @@ class TestBadInput:
         for body in ("{}", "{bad", '{"b":2}'):
             handle(processor, amps, body)
         assert (len(amps.on_topic("external")), len(amps.on_topic("internal.dlq"))) == (2, 1)
+
+
+class TestNeverDiesOnAMessage:
+    """Any exception while handling one message becomes that message's rejection."""
+
+    @pytest.mark.parametrize(
+        ("body", "reason"),
+        [
+            (b'{"id":"p","s":"\\ud800"}', "invalid_unicode"),
+            (b'{"id":"d","a":1,"a":2}', "duplicate_key"),
+            (b'{"id":"n","x":1e999}', "number_out_of_range"),
+        ],
+    )
+    def test_rejected_to_the_dead_letter_topic(
+        self, memory: InMemoryTelemetry, amps: FakeAmps, body: bytes, reason: str
+    ) -> None:
+        """A lone surrogate, a duplicate key, an out-of-range number: dead-lettered, discarded."""
+        processor = make(memory, amps)
+        finished = handle(processor, amps, body)
+        (letter,) = amps.on_topic("internal.dlq")
+        envelope = json.loads(letter.body)
+        assert (finished, envelope["reason"], envelope["body"].encode(), len(amps.discarded)) == (
+            True,
+            reason,
+            body,
+            1,
+        )
+
+    def test_unexpected_exception_is_an_internal_error_rejection(
+        self, memory: InMemoryTelemetry, amps: FakeAmps, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug hit by one message: ERROR span, counter, dead letter, and the next one passes."""
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise KeyError("boom")
+
+        processor = make(memory, amps)
+        monkeypatch.setattr("ampsflow.core.transform.render_output", broken)
+        handle(processor, amps, b'{"id":"bug"}')
+        monkeypatch.undo()
+        handle(processor, amps, b'{"id":"next"}')
+        (span, _) = memory.span_named(PROCESS_SPAN)
+        (letter,) = amps.on_topic("internal.dlq")
+        assert (
+            span.status.status_code,
+            (span.attributes or {}).get("error.type"),
+            json.loads(letter.body)["reason"],
+            json.loads(letter.body)["detail"],
+            memory.counter_total("ampsflow.messages.rejected"),
+            [json.loads(m.body)["id"] for m in amps.on_topic("external")],
+            len(amps.discarded),
+        ) == (
+            StatusCode.ERROR,
+            "internal_error",
+            "internal_error",
+            "KeyError: 'boom'",
+            1,
+            ["next"],
+            2,
+        )
+
+    def test_a_failing_dead_letter_leaves_the_message_unfinished(
+        self, memory: InMemoryTelemetry, amps: FakeAmps, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """When even the dead letter cannot be built, the message is not discarded (redelivered)."""
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("no envelope")
+
+        monkeypatch.setattr("ampsflow.core.transform.dead_letter_body", broken)
+        processor = make(memory, amps)
+        amps.deliver(b"{bad")
+        message = amps.receive(0)
+        assert message is not None
+        assert (processor.handle_safely(message), amps.discarded) == (False, [])
+
+    def test_output_over_the_limit_is_dead_lettered_not_sent(
+        self, memory: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """An output that would exceed max_message_bytes is dead-lettered as output_too_large."""
+        body = b'{"id":"grow","n":[' + b",".join([b"1e15"] * 2000) + b"]}"
+        handle(make(memory, amps, max_message_bytes=16 * 1024), amps, body)
+        (letter,) = amps.on_topic("internal.dlq")
+        envelope = json.loads(letter.body)
+        assert (amps.on_topic("external"), envelope["reason"], envelope["body_truncated"]) == (
+            [],
+            "output_too_large",
+            False,
+        )
+
+    def test_dead_letter_fits_max_message_bytes(
+        self, memory: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """A body of control characters (six bytes each once escaped) gives a bounded envelope."""
+        limit = 64 * 1024
+        body = b'{"s":"' + b"\x01" * (limit - 100) + b'"}'
+        handle(make(memory, amps, max_message_bytes=limit), amps, body)
+        (letter,) = amps.on_topic("internal.dlq")
+        envelope = json.loads(letter.body)
+        assert (
+            len(letter.body) <= limit - 1024 - len("internal.dlq"),
+            envelope["body_truncated"],
+            envelope["body_bytes"],
+            envelope["body_sha256"],
+        ) == (True, True, len(body), hashlib.sha256(body).hexdigest())
 
 
 class TestPublishFailure:

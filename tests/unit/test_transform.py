@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ampsflow.core.transform import (
+    ERROR_TYPES,
     dead_letter_body,
     mark_processed,
     parse_body,
     payload_correlation_id,
+    publish_budget,
+    render_output,
     serialise,
 )
 from ampsflow.errors import BadMessageError
+from tests.strategies import Body, examples, hostile_bodies
 
 CID = "004bf92f3577b34da6a3ce929d0e0e473600f067aa0ba902b701"
 LIMIT = 1024
@@ -79,6 +84,71 @@ class TestParseBody:
             parse_body(b'{"a":}', max_bytes=LIMIT)
         assert "line 1 column 6" in info.value.detail
 
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b'{"id":"p","s":"\\ud800"}',
+            b'{"id":"p","s":"\\udfff"}',
+            b'{"\\udc00":1}',
+            b'{"a":["x",{"b":"\\ud83d"}]}',
+        ],
+    )
+    def test_lone_surrogate_is_invalid_unicode(self, body: bytes) -> None:
+        """An escaped lone surrogate (valid JSON syntax, no UTF-8 form) is invalid_unicode."""
+        assert error_type_of(body) == "invalid_unicode"
+
+    def test_lone_surrogate_in_text_is_invalid_unicode(self) -> None:
+        """Already-decoded text holding a lone surrogate is rejected the same way."""
+        assert error_type_of('{"s":"\ud800"}') == "invalid_unicode"
+
+    @pytest.mark.parametrize(
+        ("body", "expected"),
+        [
+            (b'{"s":"\\ud83d\\ude00"}', {"s": "\U0001f600"}),
+            (b'{"s":"\\\\ud800"}', {"s": "\\ud800"}),
+        ],
+    )
+    def test_surrogate_pair_and_escaped_backslash_are_fine(
+        self, body: bytes, expected: dict[str, str]
+    ) -> None:
+        """A valid surrogate pair, or a backslash followed by text that looks like one, parses."""
+        assert parse_body(body, max_bytes=LIMIT) == expected
+
+    @pytest.mark.parametrize(
+        "body", [b'{"a":1,"a":2}', b'{"a":1,"\\u0061":2}', b'{"x":[{"k":1,"k":1}]}']
+    )
+    def test_duplicate_key(self, body: bytes) -> None:
+        """An object that repeats a key (also spelt differently, also nested) is duplicate_key."""
+        assert error_type_of(body) == "duplicate_key"
+
+    def test_duplicate_key_detail_names_the_key(self) -> None:
+        """The detail says which key repeats."""
+        with pytest.raises(BadMessageError) as info:
+            parse_body(b'{"id":1,"mark":2,"mark":3}', max_bytes=LIMIT)
+        assert info.value.detail == "key 'mark' appears more than once"
+
+    @pytest.mark.parametrize(
+        "body", [b'{"a":1e999}', b'{"a":-1E400}', b'{"a":' + b"9" * 5000 + b"}"]
+    )
+    def test_number_out_of_range(self, body: bytes) -> None:
+        """A number no double holds, or an integer too long to convert, is number_out_of_range."""
+        assert error_type_of(body, max_bytes=10**5) == "number_out_of_range"
+
+    @pytest.mark.parametrize("body", [b'{"a":Infinity}', b'{"a":-Infinity}'])
+    def test_infinity_is_invalid_json(self, body: bytes) -> None:
+        """Infinity, which Python accepts but JSON does not, is rejected as invalid_json."""
+        assert error_type_of(body) == "invalid_json"
+
+    def test_escaped_controls_are_fine_raw_ones_are_not(self) -> None:
+        """An escaped control character parses; a raw one inside a string is invalid_json."""
+        assert (
+            parse_body(b'{"c":"\\u0001"}', max_bytes=LIMIT),
+            error_type_of(b'{"c":"\x01"}'),
+        ) == (
+            {"c": "\x01"},
+            "invalid_json",
+        )
+
     @given(st.binary(max_size=64))
     def test_arbitrary_bytes_parse_or_raise_bad_message(self, body: bytes) -> None:
         """Any bytes either parse to a dict or raise BadMessageError, never another error."""
@@ -137,37 +207,147 @@ class TestPayloadCorrelationId:
         assert payload_correlation_id({"CorrelationId": 5}) is None
 
 
+class TestRenderOutput:
+    @pytest.mark.parametrize(
+        ("carrier", "field", "header"),
+        [("both", CID, CID), ("payload", CID, None), ("header", None, CID)],
+    )
+    def test_carrier_decides_field_and_header(
+        self, carrier: str, field: str | None, header: str | None
+    ) -> None:
+        """One function decides where the CorrelationId goes: payload field, header, or both."""
+        out = render_output(
+            {"m": 1, "CorrelationId": "old"},
+            correlation_id=CID,
+            carrier=carrier,  # type: ignore[arg-type]
+            max_bytes=LIMIT,
+        )
+        assert (json.loads(out.body).get("CorrelationId"), out.header_correlation_id) == (
+            field,
+            header,
+        )
+
+    def test_output_over_the_limit_is_output_too_large(self) -> None:
+        """An output that grows over the limit (1e15 is written back 4x longer) is refused."""
+        message = parse_body(b'{"n":[' + b",".join([b"1e15"] * 100) + b"]}", max_bytes=LIMIT)
+        with pytest.raises(BadMessageError) as info:
+            render_output(message, correlation_id=CID, carrier="both", max_bytes=LIMIT)
+        assert info.value.error_type == "output_too_large"
+
+    def test_output_at_the_limit_is_kept(self) -> None:
+        """An output of exactly the limit is published."""
+        out = render_output({}, correlation_id=CID, carrier="both", max_bytes=10**6)
+        exact = render_output({}, correlation_id=CID, carrier="both", max_bytes=len(out.body))
+        assert exact.body == out.body
+
+    def test_publish_budget_leaves_room_for_the_header(self) -> None:
+        """The body budget is the frame cap minus the header reserve and the topic."""
+        assert publish_budget(16 * 1024 * 1024, "external") == 16 * 1024 * 1024 - 1024 - 8
+
+
+def envelope_of(body: bytes, *, max_bytes: int = 10**6, detail: str = "x") -> dict[str, object]:
+    data = dead_letter_body(
+        body,
+        BadMessageError("invalid_json", detail),
+        topic="internal",
+        bookmark="1|2|",
+        correlation_id=CID,
+        max_bytes=max_bytes,
+    )
+    assert len(data) <= max_bytes
+    value = json.loads(data)
+    assert isinstance(value, dict)
+    return value
+
+
 class TestDeadLetterBody:
     def test_text_body(self) -> None:
-        """A UTF-8 body is carried as text with the reason, detail and origin."""
-        envelope = json.loads(
-            dead_letter_body(
-                b"{oops",
-                BadMessageError("invalid_json", "Expecting property name"),
-                topic="internal",
-                bookmark="1|2|",
-                correlation_id=CID,
-            )
-        )
+        """A UTF-8 body is carried as text with the reason, detail, origin, length and hash."""
         expected = {
             "reason": "invalid_json",
-            "detail": "Expecting property name",
+            "detail": "x",
             "topic": "internal",
             "bookmark": "1|2|",
             "CorrelationId": CID,
+            "body_bytes": 5,
+            "body_sha256": hashlib.sha256(b"{oops").hexdigest(),
+            "body_truncated": False,
             "body": "{oops",
         }
-        assert expected == envelope
+        assert expected == envelope_of(b"{oops")
 
     def test_binary_body(self) -> None:
         """A body that is not UTF-8 is carried base64-encoded."""
-        envelope = json.loads(
-            dead_letter_body(
-                b"\xff\x00",
-                BadMessageError("invalid_utf8", "byte 0"),
-                topic="internal",
-                bookmark=None,
-                correlation_id=None,
-            )
-        )
+        envelope = envelope_of(b"\xff\x00")
         assert base64.b64encode(b"\xff\x00").decode() == envelope["body_base64"]
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b'{"s":"' + b"\x01" * 300_000 + b'"}',  # each control character escapes to 6 bytes
+            ("é" * 100_000).encode(),
+            b"x" * 300_000,
+            b"\xff" * 300_000,
+        ],
+        ids=["controls", "non-ascii", "ascii", "binary"],
+    )
+    def test_big_body_is_cut_to_fit_and_says_so(self, body: bytes) -> None:
+        """A body too big for the bound is cut; length and hash describe the whole."""
+        limit = 64 * 1024
+        envelope = envelope_of(body, max_bytes=limit)
+        kept = (
+            base64.b64decode(str(envelope["body_base64"]))
+            if "body_base64" in envelope
+            else str(envelope["body"]).encode()
+        )
+        assert (
+            envelope["body_truncated"],
+            envelope["body_bytes"],
+            envelope["body_sha256"],
+            body.startswith(kept),
+            len(kept) > 0,
+        ) == (True, len(body), hashlib.sha256(body).hexdigest(), True, True)
+
+    def test_long_detail_is_cut(self) -> None:
+        """A long detail (an exception message quoting data) is cut to MAX_DETAIL_CHARS."""
+        envelope = envelope_of(b"{", detail="d" * 10_000)
+        assert len(str(envelope["detail"])) == 503
+
+    def test_lone_surrogate_in_detail_does_not_raise(self) -> None:
+        """Even a detail holding a lone surrogate gives a parseable envelope."""
+        assert envelope_of(b"{", detail="\ud800")["detail"] == "\ud800"
+
+
+class TestHostileBodies:
+    """Generated bodies through the whole pure path: parse, render, or dead-letter."""
+
+    @settings(max_examples=examples(500))
+    @given(hostile_bodies("gen"))
+    def test_parse_render_or_reject_never_raises_anything_else(self, body: Body) -> None:
+        """Every body parses and renders to I-JSON output, or is rejected with a known reason."""
+        limit = 256 * 1024
+        try:
+            message = parse_body(body.data, max_bytes=limit)
+            out = render_output(
+                message, correlation_id=CID, carrier="both", max_bytes=publish_budget(limit, "e")
+            )
+        except BadMessageError as exc:
+            reason = exc.error_type
+        else:
+            reason = None
+        assert reason is None or reason in ERROR_TYPES
+        if reason is not None:
+            return
+        # The output is strict UTF-8 and passes the same rules again, to the same value.
+        again = parse_body(out.body.decode("utf-8"), max_bytes=limit)
+        assert {**message, "processed": True, "CorrelationId": CID} == again
+
+    @settings(max_examples=examples(300))
+    @given(hostile_bodies("gen"), st.integers(4096, 128 * 1024))
+    def test_dead_letter_always_fits_and_describes_the_body(self, body: Body, limit: int) -> None:
+        """Any body's envelope fits the bound and carries its length and hash."""
+        envelope = envelope_of(body.data, max_bytes=limit)
+        assert (envelope["body_bytes"], envelope["body_sha256"]) == (
+            len(body.data),
+            hashlib.sha256(body.data).hexdigest(),
+        )
