@@ -27,12 +27,18 @@ Replays (a restart, a reconnect, a processor that re-published after a crash)
 are recognised by message ``id`` (else bookmark) through the sink's dedupe
 index and are discarded without writing a line again.
 
-A body that is not a JSON object (it should not reach ``external``, but may) is
-not dropped: its line keeps the text in ``_ampsflow.raw`` (or bytes that are
-not UTF-8 in ``_ampsflow.raw_base64``) with ``_ampsflow.error``; its span is
-ERROR and ``ampsflow.messages.rejected`` counts it. Chosen over a dead-letter
-topic because the file is the durable end of the pipeline: nothing that
-reached it is lost, and ``ampsflow audit`` lists such lines.
+A body that is not a valid JSON object by the processor's rules
+(:func:`ampsflow.core.transform.parse_body`: UTF-8, at most
+``max_message_bytes``, no NaN or out-of-range number, no lone surrogate, no
+duplicate key; it should not reach ``external``, but may) is not dropped: its
+line keeps the text in ``_ampsflow.raw`` (or bytes that are not UTF-8 in
+``_ampsflow.raw_base64``) with the reason in ``_ampsflow.error``; its span is
+ERROR, ``ampsflow.messages.rejected`` counts it by ``error.type``, and a
+warning quotes the start of the body. A message that trips any other exception
+while its line is prepared is kept the same way with the reason
+``internal_error``. Chosen over a dead-letter topic because the file is the
+durable end of the pipeline: nothing that reached it is lost, the line is
+standard JSON whatever the body held, and ``ampsflow audit`` lists such lines.
 
 SIGHUP reopens the JSONL file between two batches (logrotate renames it, then
 signals). SIGTERM stops intake, commits what is in hand, discards it and
@@ -47,7 +53,6 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import json
 import logging
 import random
 import threading
@@ -72,6 +77,7 @@ from ampsflow.adapters.telemetry import (
     record_failure,
 )
 from ampsflow.config import Config, PersisterConfig
+from ampsflow.core import transform
 from ampsflow.core.records import Provenance, build_line, build_raw_line, dedupe_key
 from ampsflow.errors import AmpsError, BadMessageError, RecordError, SinkError, StartupError
 from ampsflow.messaging import MessageSource, Received
@@ -128,6 +134,7 @@ class Persister:
         max_batch_delay_s: Longest a batch's first message waits for the batch to fill.
         retry_max_delay_s: Cap of the backoff between retries of a failed commit.
         drain_timeout_s: How long a stop waits for a failing disk.
+        max_message_bytes: Largest body parsed as JSON (larger ones are kept raw).
         now: Wall clock for ``persisted_at`` (tests pin it).
     """
 
@@ -142,6 +149,7 @@ class Persister:
         max_batch_delay_s: float,
         retry_max_delay_s: float,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        max_message_bytes: int = 16 * 1024 * 1024,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._source = source
@@ -154,6 +162,7 @@ class Persister:
         self._max_delay_s = max_batch_delay_s
         self._retry_max_s = max(RETRY_INITIAL_S, retry_max_delay_s)
         self._drain_timeout_s = drain_timeout_s
+        self._max_message_bytes = max_message_bytes
         self._now = now
         self._rng = random.Random()  # noqa: S311 - backoff jitter, not cryptography
         self._metric_attrs = metric_attributes(topic, OPERATION_NAME)
@@ -270,7 +279,11 @@ class Persister:
         try:
             return self._prepare(received, batch_keys)
         except Exception as exc:
-            logger.exception("cannot prepare the message at bookmark %s", received.bookmark)
+            logger.exception(
+                "cannot prepare the message at bookmark %s; kept raw in the JSONL: %r",
+                received.bookmark,
+                received.body[:MAX_LOGGED_BODY],
+            )
             span = self._tracer.start_span(
                 SPAN_NAME,
                 kind=SpanKind.CONSUMER,
@@ -308,20 +321,11 @@ class Persister:
         message: dict[str, Any] | None = None
         problem: BadMessageError | None = None
         try:
-            value = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            problem = BadMessageError("invalid_json", str(exc))
-        else:
-            if isinstance(value, dict):
-                message = value
-            else:
-                problem = BadMessageError(
-                    "not_an_object", f"a JSON {type(value).__name__}, not an object"
-                )
-        payload_cid = message.get("CorrelationId") if message is not None else None
-        context, cid_problem = extract_context(
-            received.correlation_id, payload_cid if isinstance(payload_cid, str) else None
-        )
+            message = transform.parse_body(body, max_bytes=self._max_message_bytes)
+        except BadMessageError as exc:
+            problem = exc
+        payload_cid = transform.payload_correlation_id(message) if message is not None else None
+        context, cid_problem = extract_context(received.correlation_id, payload_cid)
         topic = received.topic or self._topic
         span = self._tracer.start_span(
             SPAN_NAME,
@@ -507,6 +511,7 @@ def _work(config: Config, daemon: Daemon, telemetry: Telemetry) -> None:
                 max_batch_lines=settings.max_batch_lines,
                 max_batch_delay_s=settings.max_batch_delay_ms / 1000,
                 retry_max_delay_s=settings.retry_max_delay_ms / 1000,
+                max_message_bytes=settings.max_message_bytes,
             )
             client.connect()
             try:

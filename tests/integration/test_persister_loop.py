@@ -64,7 +64,12 @@ class Harness:
     """A persister over a fake broker and a real file, run on a thread."""
 
     def __init__(
-        self, path: Path, *, max_batch_lines: int = 100, persister: type[Persister] = Persister
+        self,
+        path: Path,
+        *,
+        max_batch_lines: int = 100,
+        persister: type[Persister] = Persister,
+        max_message_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.path = path
         self.amps = FakeAmps()
@@ -83,6 +88,7 @@ class Harness:
             max_batch_delay_s=0.005,
             retry_max_delay_s=0.01,
             drain_timeout_s=0.0,
+            max_message_bytes=max_message_bytes,
             now=lambda: WHEN,
         )
         self._thread: threading.Thread | None = None
@@ -301,15 +307,41 @@ class TestBadInput:
         )
         assert expected == actual
 
-    def test_nan_is_kept_raw(self, harness: Harness) -> None:
-        """A body with NaN (parsed, but not standard JSON) is kept raw, never dropped."""
+    @pytest.mark.parametrize(
+        ("body", "reason"),
+        [
+            ('{"id": NaN}', "invalid_json"),
+            ('{"id": "inf", "x": 1e999}', "number_out_of_range"),
+            ('{"id": "dup", "a": 1, "a": 2}', "duplicate_key"),
+            ('{"id": "sur", "s": "\\ud800"}', "invalid_unicode"),
+        ],
+    )
+    def test_processor_rules_apply_and_the_body_is_kept_raw(
+        self, harness: Harness, body: str, reason: str
+    ) -> None:
+        """The processor's parsing rules apply here too; a rejected body is kept raw, not lost."""
         harness.start()
-        harness.deliver('{"id": NaN}')
+        harness.deliver(body)
         harness.wait_discarded(1)
-        meta = harness.lines()[0]["_ampsflow"]
+        line = harness.path.read_bytes()
+        meta = json.loads(line)["_ampsflow"]
+        assert (meta["raw"], meta["error"], line.decode("utf-8").count("\n")) == (body, reason, 1)
+
+    def test_body_over_max_message_bytes_is_kept_raw(self, tmp_path: Path) -> None:
+        """A body over persister.max_message_bytes is not parsed but still written, raw."""
+        h = Harness(tmp_path / "m.jsonl", max_message_bytes=4096)
+        body = json.dumps({"id": "big", "pad": "x" * 5000})
+        try:
+            h.start()
+            h.deliver(body)
+            h.deliver({"id": "ok"})
+            h.wait_discarded(2)
+        finally:
+            h.stop()
+        lines = h.lines()
+        meta = lines[0]["_ampsflow"]
         assert isinstance(meta, dict)
-        expected = ('{"id": NaN}', "unserialisable")
-        assert expected == (meta["raw"], meta["error"])
+        assert (meta["raw"], meta["error"], lines[1]["id"]) == (body, "too_large", "ok")
 
     def test_unexpected_error_keeps_message_raw_and_continues(self, tmp_path: Path) -> None:
         """A message that trips an unexpected error is kept raw; the next one is written."""
