@@ -1,7 +1,10 @@
 """Bad messages on the processor's input topic, in the middle of steady good traffic.
 
 Each bad body (invalid JSON, a JSON array, a JSON string, an empty body, a
-10 MiB body over ``processor.max_message_bytes``, bytes that are not UTF-8) must
+10 MiB body over ``processor.max_message_bytes``, bytes that are not UTF-8, a
+lone surrogate escape, a duplicate key, a number out of range, a body whose
+dead letter would be six times its size, a body whose output would be over the
+limit) must
 give an ERROR ``process-message`` span with ``error.type`` and an exception
 event, and a dead-letter envelope on ``internal.dlq`` with the reason, while the
 processor keeps running and the good traffic around it reaches the JSONL
@@ -51,6 +54,8 @@ TEN_MIB = 10 * 1024 * 1024
 VALID_PARENT = "00" + "4bf92f3577b34da6a3ce929d0e0e4736" + "00f067aa0ba902b7" + "01"
 """A well-formed CorrelationId the bad bodies carry in the header."""
 
+CONTROLS = "900 KiB of control characters (5.4 MB once escaped)"
+
 BAD_BODIES: dict[str, tuple[bytes, str]] = {
     "invalid JSON": (b'{"id": "bad-json", "broken": ', "invalid_json"),
     "a JSON array": (b"[1, 2, 3]", "not_an_object"),
@@ -58,8 +63,22 @@ BAD_BODIES: dict[str, tuple[bytes, str]] = {
     "an empty body": (b"", "invalid_json"),
     "a 10 MiB body": (b'{"id":"bad-big","pad":"' + b"x" * TEN_MIB + b'"}', "too_large"),
     "non-UTF-8 bytes": (b'{"id":"bad-\xff\xfe-bytes"}', "invalid_utf8"),
+    "a lone surrogate escape": (b'{"id":"bad-surrogate","s":"\\ud800"}', "invalid_unicode"),
+    "a duplicate key": (b'{"id":"bad-duplicate","a":1,"a":2}', "duplicate_key"),
+    "a number out of range": (b'{"id":"bad-range","x":1e999}', "number_out_of_range"),
+    CONTROLS: (
+        b'{"id":"bad-controls","s":"' + b"\x01" * (900 * 1024) + b'"}',
+        "invalid_json",
+    ),
+    "an output over the limit (1e15 is written back as 1000000000000000.0)": (
+        b'{"id":"bad-growth","n":[' + b",".join([b"1e15"] * 150_000) + b"]}",
+        "output_too_large",
+    ),
 }
 """Each bad body and the dead-letter reason (= ``error.type``) it must get."""
+
+CUT_SHORT = {"a 10 MiB body", CONTROLS}
+"""The bodies whose dead letter cannot carry them whole under ``MAX_MESSAGE_BYTES``."""
 
 CORRELATION_CASES: dict[str, tuple[str | None, str]] = {
     "cid-missing": (None, "missing"),
@@ -168,6 +187,12 @@ def _original_body(envelope: dict[str, Any]) -> bytes:
     return str(envelope.get("body", "")).encode("utf-8")
 
 
+def _envelope_digest(envelope: dict[str, Any]) -> str:
+    """The SHA-256 of the original body: as the envelope states it, else of the copy it carries."""
+    stated = envelope.get("body_sha256")
+    return stated if isinstance(stated, str) else _digest(_original_body(envelope))
+
+
 class TestBadInput:
     """Bad bodies are dead-lettered and traced as errors; nothing else is disturbed."""
 
@@ -192,9 +217,29 @@ class TestBadInput:
     def test_each_bad_body_is_dead_lettered_with_its_reason(
         self, bad_input_run: BadInputRun
     ) -> None:
-        """One dead letter per bad body, carrying the original body and the expected reason."""
+        """One dead letter per bad body, identified by its hash, with the expected reason."""
         expected = {_digest(body): reason for body, reason in BAD_BODIES.values()}
-        actual = {_digest(_original_body(e)): e["reason"] for e in bad_input_run.dead_letters}
+        actual = {_envelope_digest(e): e["reason"] for e in bad_input_run.dead_letters}
+        assert expected == actual
+
+    def test_each_dead_letter_carries_the_body_or_says_it_is_cut(
+        self, bad_input_run: BadInputRun
+    ) -> None:
+        """The whole body when it fits under max_message_bytes, else a prefix marked truncated."""
+        by_digest = {_digest(body): body for body, _ in BAD_BODIES.values()}
+        expected = {
+            _digest(body): (len(body), name in CUT_SHORT, True)
+            for name, (body, _) in BAD_BODIES.items()
+        }
+        actual = {}
+        for envelope in bad_input_run.dead_letters:
+            body = by_digest.get(_envelope_digest(envelope), b"")
+            kept = _original_body(envelope)
+            actual[_envelope_digest(envelope)] = (
+                envelope.get("body_bytes"),
+                envelope.get("body_truncated"),
+                body.startswith(kept) and (envelope.get("body_truncated") or kept == body),
+            )
         assert expected == actual
 
     def test_each_dead_letter_links_to_an_error_span(self, bad_input_run: BadInputRun) -> None:
