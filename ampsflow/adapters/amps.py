@@ -65,6 +65,7 @@ from typing import Any
 
 import AMPS
 
+from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import AmpsConfig, read_secret
 from ampsflow.errors import AmpsError, StartupError
 from ampsflow.messaging import Received
@@ -102,33 +103,40 @@ def _redact(uri: str) -> str:
 
 
 class _Backoff:
-    """AMPS reconnect delay strategy: capped exponential backoff with full jitter.
+    """AMPS reconnect delay strategy: the :mod:`ampsflow.backoff` policy, capped at
+    ``amps.reconnect_max_delay_s``.
 
     The client calls :meth:`get_connect_wait_duration` before every attempt;
     the wait happens here, on an event, so that stopping interrupts it, and
     the client is told to wait 0 ms more.
     """
 
-    def __init__(self, max_delay_s: float, interrupt: Callable[[], threading.Event | None]) -> None:
-        self._max_delay_s = max(max_delay_s, _INITIAL_DELAY_S)
+    def __init__(
+        self,
+        max_delay_s: float,
+        interrupt: Callable[[], threading.Event | None],
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        policy = BackoffPolicy(initial_s=_INITIAL_DELAY_S, max_s=max(max_delay_s, _INITIAL_DELAY_S))
+        self._backoff = Backoff(policy, rng=rng)
         self._interrupt = interrupt
-        self._attempt = 0
-        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._first = True
 
     def get_connect_wait_duration(self, uri: str) -> int:
-        if self._attempt == 0 or uri == "DUMMY_URI":
-            self._attempt += 1
+        if self._first or uri == "DUMMY_URI":
+            self._first = False
             return 0
-        ceiling = min(self._max_delay_s, _INITIAL_DELAY_S * 2 ** min(self._attempt, 30))
-        self._attempt += 1
-        delay = self._rng.uniform(ceiling / 2, ceiling)
+        delay = self._backoff.next_delay()
         event = self._interrupt()
-        if event is not None:
-            event.wait(delay)
+        if event is None:
+            return int(delay * 1000)
+        self._backoff.wait(event, delay)
         return 0
 
     def reset(self) -> None:
-        self._attempt = 0
+        self._first = True
+        self._backoff.reset()
 
 
 class _Chooser:

@@ -39,6 +39,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ampsflow.adapters.systemd import Notifier
+from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, DevbrokerConfig, parse_host_port
 from ampsflow.devbroker import protocol
 from ampsflow.devbroker.auth import Users
@@ -65,6 +66,8 @@ MAX_PENDING_ENTRIES = 200_000
 """Appended but not yet committed entries above which publishers' sockets stop being
 read until the log catches up."""
 GIL_SWITCH_INTERVAL_S = 0.0005
+COMMIT_RETRY = BackoffPolicy(initial_s=0.05, max_s=1.0)
+"""Waits between retries of a failed commit (a full or failing disk); acks wait meanwhile."""
 _CID = re.compile(rb'"(?:cid|cmd_id)":"([^"\\]{1,200})"')
 _UNPARSED = object()
 LOG_EVERY_S = 10.0
@@ -468,6 +471,7 @@ class Broker:
     async def _committer(self) -> None:
         loop = asyncio.get_running_loop()
         delay = self.config.commit_delay_ms / 1000
+        retry = Backoff(COMMIT_RETRY)
         assert self._dirty is not None
         while True:
             await self._dirty.wait()
@@ -478,10 +482,12 @@ class Broker:
                 durable = await loop.run_in_executor(self._executor, self.log.commit)
             except TransactionLogError as exc:
                 self.counters.commit_failures += 1
-                logger.error("commit failed, acks withheld, retrying in 1 s: %s", exc)  # noqa: TRY400 - one line says it all
-                await asyncio.sleep(1.0)
+                wait = retry.next_delay()
+                logger.error("commit failed, acks withheld, retrying in %.2fs: %s", wait, exc)  # noqa: TRY400 - one line says it all
+                await retry.sleep(wait)
                 self._dirty.set()
                 continue
+            retry.reset()
             self.counters.commits += 1
             self._on_durable(durable)
 

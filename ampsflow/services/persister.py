@@ -76,6 +76,7 @@ from ampsflow.adapters.telemetry import (
     metric_attributes,
     record_failure,
 )
+from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, PersisterConfig
 from ampsflow.core import transform
 from ampsflow.core.records import Provenance, build_line, build_raw_line, dedupe_key
@@ -160,7 +161,9 @@ class Persister:
         self._topic = topic
         self._max_lines = max(1, max_batch_lines)
         self._max_delay_s = max_batch_delay_s
-        self._retry_max_s = max(RETRY_INITIAL_S, retry_max_delay_s)
+        self._retry = BackoffPolicy(
+            initial_s=RETRY_INITIAL_S, max_s=max(RETRY_INITIAL_S, retry_max_delay_s)
+        )
         self._drain_timeout_s = drain_timeout_s
         self._max_message_bytes = max_message_bytes
         self._now = now
@@ -227,26 +230,25 @@ class Persister:
         lines = [item.line for item in batch if item.line is not None]
         result: CommitResult | None = None
         attempt = 0
-        delay = RETRY_INITIAL_S
-        stop_deadline: float | None = None
+        backoff = Backoff(self._retry, rng=self._rng)
+        delay = 0.0
         while lines:
             try:
                 result = self._sink.commit(lines)
                 break
             except SinkError as exc:
                 attempt += 1
+                delay = backoff.next_delay()
                 self._on_failure(batch, exc, attempt, delay, daemon)
             daemon.watchdog()
             if daemon.stop.is_set():
-                if stop_deadline is None:
-                    stop_deadline = time.monotonic() + self._drain_timeout_s
-                if daemon.force.is_set() or time.monotonic() >= stop_deadline:
+                backoff.deadline_in(self._drain_timeout_s)
+                if daemon.force.is_set() or backoff.expired:
                     self._give_up(batch)
                     return False
             # A second stop signal cuts the wait short; a first one does not,
             # because the batch in hand must still reach the disk.
-            daemon.force.wait(self._rng.uniform(delay / 2, delay))
-            delay = min(self._retry_max_s, delay * 2)
+            backoff.wait(daemon.force, delay)
         if attempt:
             logger.info("writing %s again after %d failed attempts", self._sink.path, attempt)
             daemon.status(f"persisting {self._topic} to {self._sink.path}")

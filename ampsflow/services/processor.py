@@ -62,6 +62,7 @@ from ampsflow.adapters.telemetry import (
     metric_attributes,
     record_failure,
 )
+from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform
 from ampsflow.errors import AmpsError, BadMessageError, StartupError
@@ -83,7 +84,7 @@ closed under it; a second SIGTERM closes it at once. Leaves time for telemetry
 under the unit's ``TimeoutStopSec=30``."""
 
 _POLL_S = 0.2
-_RETRY_MAX_S = 5.0
+_PUBLISH_RETRY = BackoffPolicy(initial_s=0.1, max_s=5.0)
 _MAX_PREVIEW = 200
 
 
@@ -274,7 +275,7 @@ class Processor:
 
     def _publish(self, topic: str, body: bytes, correlation_id: str | None) -> bool:
         """Publish into the durable store, retrying until stored or stopped."""
-        delay = 0.1
+        backoff: Backoff | None = None
         attempt = 0
         while True:
             attempt += 1
@@ -309,6 +310,8 @@ class Processor:
                     time.perf_counter() - started,
                     metric_attributes(topic, "send", "publish_failed"),
                 )
+            backoff = backoff or Backoff(_PUBLISH_RETRY)
+            delay = backoff.next_delay()
             logger.error(
                 "cannot store a publish to %s (attempt %d): %s; retrying in %.1fs",
                 topic,
@@ -319,12 +322,11 @@ class Processor:
             if self._daemon is not None:
                 self._daemon.status(f"cannot store publishes to {topic}: {failure}; retrying")
                 self._daemon.watchdog()
-            if self._stop.wait(delay):
+            if backoff.wait(self._stop, delay):
                 logger.warning(
                     "stopping with a publish to %s not stored; it is redone at restart", topic
                 )
                 return False
-            delay = min(delay * 2, _RETRY_MAX_S)
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
