@@ -7,7 +7,10 @@ for a service:
   ``service.version``, merged with ``OTEL_RESOURCE_ATTRIBUTES``.
 - Sampler ``ParentBased(TraceIdRatioBased(sampler_ratio))``: the marker's
   sampling decision travels in the CorrelationId flags and is followed.
-  ``OTEL_TRACES_SAMPLER`` replaces it as the SDK defines.
+  ``OTEL_TRACES_SAMPLER`` replaces it as the SDK defines. Either way a
+  failure is always traced: :func:`failure_span` gives a message whose trace
+  was not sampled a new, sampled trace for its ERROR span, linked to the
+  original context (:class:`FailuresSampled`).
 - A :class:`~opentelemetry.sdk.trace.export.BatchSpanProcessor` sized from the
   config (``OTEL_BSP_*`` variables win over the file when set).
 - Exporter ``otlp`` (``http/protobuf`` to ``endpoint + /v1/traces`` and
@@ -61,17 +64,27 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import (
+    Link,
     NonRecordingSpan,
     Span,
     SpanContext,
+    SpanKind,
     Status,
     StatusCode,
     TraceFlags,
     Tracer,
+    TraceState,
+    get_current_span,
 )
-from opentelemetry.util.types import AttributeValue
+from opentelemetry.util.types import Attributes, AttributeValue
 
 from ampsflow import __version__
 from ampsflow.config import TelemetryConfig
@@ -88,6 +101,11 @@ PROBLEM_ATTRIBUTE = "ampsflow.correlation_id.problem"
 
 BOOKMARK_ATTRIBUTE = "ampsflow.amps.bookmark"
 """Span attribute holding the AMPS bookmark of the message."""
+
+ORIGINAL_TRACE_ATTRIBUTE = "ampsflow.original_trace_id"
+"""On a failure span that had to start its own trace (its message's trace was
+not sampled): the message's trace id, 32 hex digits. The sampler always
+samples a span started with this attribute."""
 
 DURATION_BUCKETS_S = (
     0.0005,
@@ -407,10 +425,12 @@ def setup_telemetry(
     resource = Resource.create({SERVICE_NAME: name, SERVICE_VERSION: __version__})
     if env.get("OTEL_SERVICE_NAME"):
         resource = resource.merge(Resource({SERVICE_NAME: name}))
-    sampler: Sampler | None = None
-    if not env.get("OTEL_TRACES_SAMPLER"):
-        sampler = ParentBased(TraceIdRatioBased(config.sampler_ratio))
-    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+    if env.get("OTEL_TRACES_SAMPLER"):
+        # The SDK reads OTEL_TRACES_SAMPLER(_ARG) when given no sampler.
+        base = TracerProvider(resource=resource, shutdown_on_exit=False).sampler
+    else:
+        base = ParentBased(TraceIdRatioBased(config.sampler_ratio))
+    tracer_provider = TracerProvider(resource=resource, sampler=FailuresSampled(base))
 
     max_queue_size = _env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", config.max_queue_size)
     losses = SpanLossCounter(max_queue_size)
@@ -481,6 +501,70 @@ def setup_telemetry(
         losses=losses,
         span_exporter=exporter,
         shutdown_timeout_s=config.shutdown_timeout_ms / 1000,
+    )
+
+
+class FailuresSampled(Sampler):
+    """``inner``'s decisions, except that a failure span is always sampled.
+
+    A span started with :data:`ORIGINAL_TRACE_ATTRIBUTE` (see
+    :func:`failure_span`) is recorded and sampled whatever the ratio.
+    """
+
+    def __init__(self, inner: Sampler) -> None:
+        self._inner = inner
+
+    def should_sample(  # noqa: PLR0917 - the SDK Sampler signature
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if attributes and ORIGINAL_TRACE_ATTRIBUTE in attributes:
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return self._inner.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"FailuresSampled{{{self._inner.get_description()}}}"
+
+
+def failure_span(
+    tracer: Tracer,
+    span: Span,
+    name: str,
+    *,
+    kind: SpanKind,
+    attributes: Mapping[str, AttributeValue],
+    parent: Context,
+    start_time: int | None = None,
+) -> Span:
+    """The span to record a message's failure on: ``span``, if it is recorded.
+
+    When ``span`` was not sampled (it records nothing), a new span ``name``
+    starts a new trace that is always sampled. It links to the message's
+    context (``parent`` when valid, else ``span``'s own, unexported one) and
+    carries the original trace id as :data:`ORIGINAL_TRACE_ATTRIBUTE` plus
+    ``attributes`` (the message id among them). The caller records the failure
+    on the returned span and ends it; ending the unsampled ``span`` is harmless.
+    """
+    if span.is_recording():
+        return span
+    original = get_current_span(parent).get_span_context()
+    if not original.is_valid:
+        original = span.get_span_context()
+    return tracer.start_span(
+        name,
+        context=Context(),
+        kind=kind,
+        attributes={**attributes, ORIGINAL_TRACE_ATTRIBUTE: format(original.trace_id, "032x")},
+        links=[Link(original)] if original.is_valid else [],
+        start_time=start_time,
     )
 
 

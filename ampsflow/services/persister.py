@@ -19,9 +19,18 @@ The loop (:class:`Persister`):
    ``STATUS=`` and retries the same batch with capped, jittered exponential
    backoff (``retry_max_delay_ms``) until it is on disk. Intake stops
    meanwhile; the AMPS client's queue fills and applies back-pressure.
-3. **Finish**: each span gets an ``fsync`` event and ends (after the fsync),
-   then every message of the batch is discarded from the bookmark store, in
-   delivery order. Only now would a restart resume after them.
+3. **Finish**: every span ends after the fsync; the first span of the batch
+   that wrote a line carries an ``fsync`` event with the batch's facts (lines,
+   fsync duration), told once per batch rather than on every span. Then every
+   message of the batch is discarded from the bookmark store, in delivery
+   order. Only now would a restart resume after them.
+
+A message that fails (a bad body kept raw, a write or fsync error) always
+leaves an ERROR span, even when its trace was not sampled: the span then
+starts a new, sampled trace linked to the message's context and carrying its
+trace id as ``ampsflow.original_trace_id`` (see
+:func:`ampsflow.adapters.telemetry.failure_span`); a bad body's line then
+names that span. Good messages that were not sampled leave no span.
 
 Replays (a restart, a reconnect, a processor that re-published after a crash)
 are recognised by message ``id`` (else bookmark) through the sink's dedupe
@@ -51,6 +60,7 @@ discarded, so they are delivered again after the restart.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import functools
 import logging
@@ -64,7 +74,9 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
+from opentelemetry.util.types import AttributeValue
 
 from ampsflow.adapters.amps import AmpsClient
 from ampsflow.adapters.sink import CommitResult, JsonlSink, PendingLine
@@ -72,6 +84,7 @@ from ampsflow.adapters.telemetry import (
     PROBLEM_ATTRIBUTE,
     Telemetry,
     extract_context,
+    failure_span,
     messaging_attributes,
     metric_attributes,
     record_failure,
@@ -119,6 +132,10 @@ class _Item:
     started: float
     line: PendingLine | None
     """``None`` when the message is already persisted (a replay)."""
+    parent: Context
+    """The context the message carried (its span's parent)."""
+    attributes: dict[str, AttributeValue]
+    """The span's start attributes, for a failure span of its own if it fails."""
     error_type: str | None = None
     """The last write error recorded on the span."""
 
@@ -286,17 +303,23 @@ class Persister:
                 received.bookmark,
                 received.body[:MAX_LOGGED_BODY],
             )
-            span = self._tracer.start_span(
+            attributes = messaging_attributes(
+                destination=received.topic or self._topic,
+                operation_type=OPERATION_NAME,
+                operation_name=OPERATION_NAME,
+                message_id=received.bookmark,
+                body_size=len(received.body),
+                bookmark=received.bookmark,
+            )
+            parent = Context()
+            span = self._tracer.start_span(SPAN_NAME, kind=SpanKind.CONSUMER, attributes=attributes)
+            span = failure_span(
+                self._tracer,
+                span,
                 SPAN_NAME,
                 kind=SpanKind.CONSUMER,
-                attributes=messaging_attributes(
-                    destination=received.topic or self._topic,
-                    operation_type=OPERATION_NAME,
-                    operation_name=OPERATION_NAME,
-                    message_id=received.bookmark,
-                    body_size=len(received.body),
-                    bookmark=received.bookmark,
-                ),
+                attributes=attributes,
+                parent=parent,
             )
             record_failure(span, exc, "internal_error")
             self._instruments.rejected.add(
@@ -313,7 +336,12 @@ class Persister:
             data = build_raw_line(received.body, "internal_error", provenance)
             key = dedupe_key(None, received.bookmark)
             return _Item(
-                received, span, time.monotonic(), PendingLine(data, key, received.bookmark)
+                received,
+                span,
+                time.monotonic(),
+                PendingLine(data, key, received.bookmark),
+                parent,
+                attributes,
             )
 
     def _prepare(self, received: Received, batch_keys: set[str]) -> _Item:
@@ -329,27 +357,25 @@ class Persister:
         payload_cid = transform.payload_correlation_id(message) if message is not None else None
         context, cid_problem = extract_context(received.correlation_id, payload_cid)
         topic = received.topic or self._topic
-        span = self._tracer.start_span(
-            SPAN_NAME,
-            context=context,
-            kind=SpanKind.CONSUMER,
-            attributes=messaging_attributes(
-                destination=topic,
-                operation_type=OPERATION_NAME,
-                operation_name=OPERATION_NAME,
-                message_id=received.bookmark,
-                body_size=len(body),
-                bookmark=received.bookmark,
-            ),
+        attributes = messaging_attributes(
+            destination=topic,
+            operation_type=OPERATION_NAME,
+            operation_name=OPERATION_NAME,
+            message_id=received.bookmark,
+            body_size=len(body),
+            bookmark=received.bookmark,
         )
         if cid_problem is not None:
-            span.set_attribute(PROBLEM_ATTRIBUTE, cid_problem)
+            attributes[PROBLEM_ATTRIBUTE] = cid_problem
             self._instruments.correlation_problems.add(
                 1, {**self._metric_attrs, "problem": cid_problem}
             )
         ident = message.get("id") if message is not None else None
         if isinstance(ident, str):
-            span.set_attribute("ampsflow.message.id", ident)
+            attributes["ampsflow.message.id"] = ident
+        span = self._tracer.start_span(
+            SPAN_NAME, context=context, kind=SpanKind.CONSUMER, attributes=attributes
+        )
 
         key = dedupe_key(message, received.bookmark)
         if (key is not None and key in batch_keys) or self._sink.contains(key, received.bookmark):
@@ -365,7 +391,7 @@ class Persister:
                     logger.debug("skipping replay of %s (bookmark %s)", key, received.bookmark)
             span.set_attribute("ampsflow.persister.duplicate", True)
             self._duplicates.add(1, self._metric_attrs)
-            return _Item(received, span, started, None)
+            return _Item(received, span, started, None, context, attributes)
 
         ctx = span.get_span_context()
         provenance = Provenance(
@@ -383,6 +409,22 @@ class Persister:
                 problem = BadMessageError("unserialisable", str(exc))
         if data is None:
             assert problem is not None
+            traced = failure_span(
+                self._tracer,
+                span,
+                SPAN_NAME,
+                kind=SpanKind.CONSUMER,
+                attributes=attributes,
+                parent=context,
+            )
+            if traced is not span:
+                span = traced
+                ctx = span.get_span_context()
+                provenance = dataclasses.replace(
+                    provenance,
+                    trace_id=format(ctx.trace_id, "032x"),
+                    span_id=format(ctx.span_id, "016x"),
+                )
             data = build_raw_line(body, problem.error_type, provenance)
             record_failure(span, problem, problem.error_type)
             self._instruments.rejected.add(
@@ -398,7 +440,9 @@ class Persister:
                 )
         if key is not None:
             batch_keys.add(key)
-        return _Item(received, span, started, PendingLine(data, key, received.bookmark))
+        return _Item(
+            received, span, started, PendingLine(data, key, received.bookmark), context, attributes
+        )
 
     def _on_failure(
         self, batch: list[_Item], exc: SinkError, attempt: int, delay: float, daemon: Daemon
@@ -416,6 +460,14 @@ class Persister:
             # The exception event on every attempt would flood a span during a
             # long outage: record the first one and each change of error.
             if item.error_type != error_type:
+                item.span = failure_span(
+                    self._tracer,
+                    item.span,
+                    SPAN_NAME,
+                    kind=SpanKind.CONSUMER,
+                    attributes=item.attributes,
+                    parent=item.parent,
+                )
                 record_failure(item.span, exc, error_type)
                 item.error_type = error_type
             item.span.set_attribute("ampsflow.persister.write_attempts", attempt + 1)
@@ -441,9 +493,13 @@ class Persister:
                 "ampsflow.persister.fsync.duration_s": fsync_s,
             }
         now = time.monotonic()
+        # The batch's facts are told once, on the first span that wrote a line;
+        # every span of the batch ends after the same fdatasync.
+        fsync_event = result is not None
         for item in batch:
-            if item.line is not None and result is not None:
+            if fsync_event and item.line is not None and result is not None:
                 item.span.add_event("fsync", event_attrs, timestamp=result.fsync_end_ns)
+                fsync_event = False
             item.span.end(end_time=end_ns)
             self._instruments.process_duration.record(now - item.started, self._metric_attrs)
         for item in batch:

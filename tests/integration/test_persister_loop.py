@@ -19,6 +19,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from ampsflow.adapters.sink import JsonlSink, OsSyscalls
 from ampsflow.adapters.systemd import Notifier
+from ampsflow.adapters.telemetry import ORIGINAL_TRACE_ATTRIBUTE
+from ampsflow.config import TelemetryConfig
 from ampsflow.core.codec import TraceParent, encode_correlation_id
 from ampsflow.messaging import Received
 from ampsflow.service import Daemon
@@ -28,6 +30,7 @@ from ampsflow.testing import FakeAmps, InMemoryTelemetry, in_memory_telemetry
 WHEN = datetime(2026, 11, 24, 16, 30, tzinfo=UTC)
 PARENT = TraceParent(version=0, trace_id=0xABC, span_id=0xDEF, flags=1)
 OTHER = TraceParent(version=0, trace_id=0x123, span_id=0x456, flags=1)
+UNSAMPLED = TraceParent(version=0, trace_id=0xABC, span_id=0xDEF, flags=0)
 
 
 def _parent_span_id(span: ReadableSpan) -> int | None:
@@ -70,13 +73,16 @@ class Harness:
         max_batch_lines: int = 100,
         persister: type[Persister] = Persister,
         max_message_bytes: int = 16 * 1024 * 1024,
+        sampler_ratio: float = 1.0,
     ) -> None:
         self.path = path
         self.amps = FakeAmps()
         self.syscalls = FailingSyscalls()
         self.sink = JsonlSink(path, syscalls=self.syscalls)
         self.sink.open()
-        self.otel: InMemoryTelemetry = in_memory_telemetry("persister")
+        self.otel: InMemoryTelemetry = in_memory_telemetry(
+            "persister", TelemetryConfig(exporter="none", sampler_ratio=sampler_ratio)
+        )
         self.notifier = RecordingNotifier()
         self.daemon = Daemon("persister", notifier=self.notifier)
         self.persister = persister(
@@ -248,6 +254,23 @@ class TestSpans:
         }
         assert expected == {k: attributes.get(k) for k in expected}
 
+    def test_batch_facts_are_told_once_per_batch(self, harness: Harness) -> None:
+        """One fsync event per commit, on its first span; every span ends after the fsync."""
+        for i in range(3):
+            harness.deliver({"id": f"m{i}"}, cid=PARENT)
+        harness.start()
+        harness.wait_discarded(3)
+        spans = harness.otel.span_named("persist-message")
+        events = [e for s in spans for e in s.events if e.name == "fsync"]
+        assert len(events) == harness.persister.batches == 1
+        assert events[0].attributes == {
+            "ampsflow.persister.batch.lines": 3,
+            "ampsflow.persister.fsync.duration_s": events[0].attributes[
+                "ampsflow.persister.fsync.duration_s"
+            ],
+        }
+        assert all(events[0].timestamp <= (s.end_time or 0) for s in spans)
+
     def test_span_ends_after_fsync_event(self, harness: Harness) -> None:
         """The span has an fsync event and ends no earlier than it."""
         harness.start()
@@ -399,6 +422,61 @@ class TestReplays:
             second.stop()
         expected = ["m1", "m2"]
         assert expected == [line["id"] for line in second.lines()]
+
+
+class TestFailuresAlwaysTraced:
+    """At sampler ratio 0 (and an unsampled parent) only failures leave spans."""
+
+    @pytest.fixture
+    def unsampled(self, tmp_path: Path) -> Iterator[Harness]:
+        h = Harness(tmp_path / "messages.jsonl", sampler_ratio=0.0)
+        try:
+            yield h
+        finally:
+            h.stop()
+
+    def test_a_good_unsampled_message_leaves_no_span(self, unsampled: Harness) -> None:
+        unsampled.start()
+        unsampled.deliver({"id": "m1"}, cid=UNSAMPLED)
+        unsampled.deliver({"id": "m2"})
+        unsampled.wait_discarded(2)
+        assert unsampled.otel.exporter.get_finished_spans() == ()
+        assert [line["id"] for line in unsampled.lines()] == ["m1", "m2"]
+
+    def test_a_bad_body_leaves_an_error_span_in_a_new_trace(self, unsampled: Harness) -> None:
+        """New sampled trace, linked to the message's context, carrying its trace id."""
+        unsampled.start()
+        unsampled.deliver("not json", cid=UNSAMPLED)
+        unsampled.wait_discarded(1)
+        (span,) = unsampled.otel.exporter.get_finished_spans()
+        attributes = span.attributes or {}
+        assert span.name == "persist-message"
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.context.trace_flags.sampled
+        assert span.parent is None
+        assert span.context.trace_id != UNSAMPLED.trace_id
+        assert [(link.context.trace_id, link.context.span_id) for link in span.links] == [
+            (UNSAMPLED.trace_id, UNSAMPLED.span_id)
+        ]
+        assert attributes[ORIGINAL_TRACE_ATTRIBUTE] == format(UNSAMPLED.trace_id, "032x")
+        assert (attributes["messaging.message.id"], attributes["error.type"]) == (
+            "1|1|",
+            "invalid_json",
+        )
+        (line,) = unsampled.lines()
+        assert line["_ampsflow"]["trace_id"] == format(span.context.trace_id, "032x")
+
+    def test_a_failed_fsync_leaves_an_error_span(self, unsampled: Harness) -> None:
+        unsampled.syscalls.failures = 2
+        unsampled.start()
+        unsampled.deliver({"id": "m1"}, cid=UNSAMPLED)
+        unsampled.wait_discarded(1)
+        (span,) = unsampled.otel.exporter.get_finished_spans()
+        attributes = span.attributes or {}
+        assert (span.status.status_code, attributes["error.type"]) == (StatusCode.ERROR, "ENOSPC")
+        assert attributes[ORIGINAL_TRACE_ATTRIBUTE] == format(UNSAMPLED.trace_id, "032x")
+        assert attributes["ampsflow.message.id"] == "m1"
+        assert span.context.trace_id != UNSAMPLED.trace_id
 
 
 class TestWriteFailures:

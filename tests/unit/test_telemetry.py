@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 
+import pytest
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -13,6 +16,7 @@ from opentelemetry.trace import SpanKind, get_current_span
 from ampsflow.adapters.telemetry import (
     correlation_id_of,
     extract_context,
+    failure_span,
     messaging_attributes,
     otlp_endpoint,
     setup_telemetry,
@@ -278,3 +282,54 @@ class TestOtlpEndpoint:
         """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT leaves the traces URL to the SDK."""
         env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://elsewhere:4318/v1/traces"}
         assert otlp_endpoint(TelemetryConfig(), env, "traces") is None
+
+
+class TestFailureSpans:
+    def test_a_failure_span_is_sampled_whatever_the_sampler(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """OTEL_TRACES_SAMPLER=always_off drops spans, but not a message's failure span."""
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+        exporter = InMemorySpanExporter()
+        telemetry = setup_telemetry(
+            TelemetryConfig(exporter="none"),
+            "processor",
+            span_exporter=exporter,
+            simple_processor=True,
+            set_global=False,
+            environ=dict(os.environ),
+        )
+        parent, _ = extract_context(SAMPLED, None)
+        span = telemetry.tracer.start_span("process-message", context=parent)
+        failed = failure_span(
+            telemetry.tracer,
+            span,
+            "process-message",
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.message.id": "1|2|"},
+            parent=parent,
+        )
+        assert failed is not span
+        failed.end()
+        span.end()
+        (exported,) = exporter.get_finished_spans()
+        assert exported.attributes == {
+            "messaging.message.id": "1|2|",
+            "ampsflow.original_trace_id": format(TRACE, "032x"),
+        }
+        assert [(link.context.trace_id, link.context.span_id) for link in exported.links] == [
+            (TRACE, SPAN)
+        ]
+
+    def test_a_recorded_span_is_its_own_failure_span(self) -> None:
+        memory = in_memory_telemetry()
+        span = memory.telemetry.tracer.start_span("persist-message")
+        same = failure_span(
+            memory.telemetry.tracer,
+            span,
+            "persist-message",
+            kind=SpanKind.CONSUMER,
+            attributes={},
+            parent=Context(),
+        )
+        assert same is span
