@@ -19,11 +19,13 @@ what the broker does with them (replay from the transaction log, then live):
     oldest retained message. In both cases messages of publisher ``pub`` with a sequence
     ``<= seq`` are skipped, so nothing the subscriber already saw is sent again.
 ``a|1|,b|9|`` or ``0,b|9|``
-    A list, as the client bookmark stores send after a reconnect. Replay starts at the
-    earliest position among the listed bookmarks (epoch when ``0`` is listed, or when a
-    listed message is not in the log) and skips every message whose publisher is listed with
-    a sequence ``>=`` the message's sequence (per-publisher high-water marks). A publisher
-    listed twice keeps its highest sequence.
+    A list, as the client bookmark stores send after a reconnect (their last discard point
+    and the last persisted ack, side by side). As in AMPS, replay starts right after the
+    *earliest* listed bookmark and delivers everything after it, whatever the publisher
+    (the stores drop what they already handed out). ``0`` in the list means epoch. A listed
+    bookmark that is not in the log has no position: replay then starts at the oldest
+    retained message and skips only that publisher's messages with a sequence ``<=`` the
+    listed one. A publisher listed twice keeps its highest sequence.
 ``YYYYMMDDTHHMMSS[.ffffff]Z``
     Timestamp (UTC): replay messages published at or after that instant.
 
@@ -75,9 +77,10 @@ def format_bookmark(publisher_id: int, sequence: int) -> str:
 class ReplaySpec:
     """What a subscribe's bookmark asks the transaction log for (see the module docstring).
 
-    ``after`` maps publisher id to the highest sequence the subscriber already has: those
-    messages are skipped during replay. ``since_timestamp_us`` is microseconds since the Unix
-    epoch, UTC.
+    ``after`` maps each listed publisher id to its listed sequence: the log starts replay
+    after the earliest of those messages, and skips a publisher's messages up to its listed
+    sequence only when that message is not in the log. ``since_timestamp_us`` is
+    microseconds since the Unix epoch, UTC.
     """
 
     from_epoch: bool = False

@@ -151,6 +151,9 @@ class Broker:
         )
         self.delivered_position = 0
         self.queues = QueueService(self, config.queues)
+        self.persisted_bookmark = ""
+        """Bookmark of the entry at :attr:`delivered_position` ("" while the log is empty):
+        what bookmark subscriptions' persisted acks name."""
         self._pending: deque[LogEntry] = deque()
         self._after: deque[tuple[int, Callable[[], None]]] = deque()
         self._ack_conns: set[Connection] = set()
@@ -225,6 +228,10 @@ class Broker:
         )
         self.queues.open(self.log)
         self.delivered_position = self.log.durable_position
+        last, _ = self.log.read(
+            ReplayCursor(position=self.delivered_position), up_to=self.delivered_position, limit=1
+        )
+        self.persisted_bookmark = last[-1].bookmark if last else ""
         self._dirty = asyncio.Event()
         self._spawn(self._committer())
         self._spawn(self._ticker())
@@ -500,6 +507,7 @@ class Broker:
             self._fan_out(batch)
             if self.queues:
                 self.queues.on_committed(batch)
+            self.persisted_bookmark = batch[-1].bookmark
         self.delivered_position = max(self.delivered_position, durable)
         if self._ack_conns:
             for conn in list(self._ack_conns):
@@ -562,7 +570,6 @@ class Broker:
         for conn, group in targets.items():
             with_ts = False
             for sub in group:
-                sub.last_bookmark = bookmark
                 with_ts = with_ts or sub.with_timestamp
             if with_ts:
                 tail = _tail(entry, bookmark, True)
@@ -592,7 +599,6 @@ class Broker:
                         continue
                     bookmark = entry.bookmark
                     conn.deliver(sub.sid, _tail(entry, bookmark, sub.with_timestamp), entry.body)
-                    sub.last_bookmark = bookmark
                     self.counters.replayed += 1
                 if cursor.position > self.delivered_position:
                     sub.live = True

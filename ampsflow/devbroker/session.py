@@ -137,6 +137,7 @@ class Subscription:
     wants_persisted: bool = False
     wants_completed: bool = False
     last_bookmark: str = ""
+    """The last message a queue delivered to it (bookmark subscriptions do not use it)."""
     acked_bookmark: str = ""
     command: Header = field(default_factory=dict)
     sid: bytes = b""
@@ -183,6 +184,11 @@ class SessionBroker(Protocol):
     @property
     def delivered_position(self) -> int:
         """The log position the fan-out has reached."""
+        ...
+
+    @property
+    def persisted_bookmark(self) -> str:
+        """Bookmark of the log entry at :attr:`delivered_position` ("" while there is none)."""
         ...
 
     def track(self, task: asyncio.Task[Any]) -> None:
@@ -647,9 +653,13 @@ class Connection:
             if now >= self.next_heartbeat:
                 self.next_heartbeat = now + self.heartbeat_s
                 self.send(protocol.HEARTBEAT)
+        # What AMPS sends: the last bookmark written to the log (on any topic, matching or
+        # not), and only once the subscription has caught up: every message up to it that
+        # matches is already queued ahead of the ack. See docs/devbroker.md.
+        persisted = self.broker.persisted_bookmark
+        if not persisted:
+            return
         for sub in self.subs.values():
-            if sub.wants_persisted and sub.last_bookmark != sub.acked_bookmark:
-                sub.acked_bookmark = sub.last_bookmark
-                self.send(
-                    protocol.subscription_persisted_ack(sub.cid, sub.sub_id, sub.last_bookmark)
-                )
+            if sub.wants_persisted and sub.live and sub.acked_bookmark != persisted:
+                sub.acked_bookmark = persisted
+                self.send(protocol.subscription_persisted_ack(sub.cid, sub.sub_id, persisted))

@@ -612,16 +612,24 @@ class TransactionLog:
         if spec.since_timestamp_us is not None:
             return self._find_timestamp(spec.since_timestamp_us, oldest)
         if spec.from_epoch or not spec.after:
-            return ReplayCursor(position=oldest, after=spec.after)
+            return ReplayCursor(position=oldest)
+        # A list starts after its earliest bookmark and skips nothing after that point:
+        # client bookmark stores list their discard point and the last persisted ack side
+        # by side and rely on exactly this (see docs/devbroker.md, "Bookmark lists"). Only
+        # a bookmark that is not in the log (retention, another broker) has no position;
+        # replay then starts at the oldest entry and skips that publisher up to it.
         start: int | None = None
+        unknown: dict[int, int] = {}
         for pub, seq in spec.after.items():
             found = self._find_bookmark(pub, seq)
             if found is None:
+                unknown[pub] = seq
                 start = oldest
-                break
-            start = found + 1 if start is None else min(start, found + 1)
+            else:
+                start = found + 1 if start is None else min(start, found + 1)
         assert start is not None
-        return ReplayCursor(position=max(start, oldest), after=spec.after)
+        skip = MappingProxyType(unknown) if unknown else _EMPTY
+        return ReplayCursor(position=max(start, oldest), after=skip)
 
     def _snapshot(self) -> list[_Segment]:
         with self._lock:

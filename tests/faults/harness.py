@@ -17,6 +17,7 @@ import os
 import selectors
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -398,6 +399,44 @@ def publish_raw(uri: str, topic: str, bodies: list[tuple[bytes | str, str | None
         client.publish_flush(30_000)
     finally:
         client.close()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEntry:
+    """One record of an official client's ``MMapBookmarkStore`` file."""
+
+    sub_id: str
+    kind: str
+    """``b`` a message was received, ``d`` it was discarded, ``p`` a persisted ack."""
+    bookmark: str
+
+
+def bookmark_store_entries(path: Path) -> list[StoreEntry]:
+    """The records of an ``MMapBookmarkStore`` file, oldest first.
+
+    The layout is the client's own (``MMapBookmarkStore.hpp``, ``write``): a native
+    ``size_t`` length and the sub id, one type byte, a ``size_t`` length and the
+    bookmark; the preallocated rest of the file is zeros.
+    """
+    data = path.read_bytes() if path.exists() else b""
+    size = struct.calcsize("N")
+    out: list[StoreEntry] = []
+    offset = 0
+    while offset + size <= len(data):
+        (sub_len,) = struct.unpack_from("N", data, offset)
+        if sub_len == 0 or sub_len > 4096:
+            break
+        offset += size
+        sub_id = data[offset : offset + sub_len].decode("utf-8", "replace")
+        offset += sub_len
+        kind = chr(data[offset])
+        offset += 1
+        (bm_len,) = struct.unpack_from("N", data, offset)
+        offset += size
+        bookmark = data[offset : offset + bm_len].decode("utf-8", "replace")
+        offset += bm_len
+        out.append(StoreEntry(sub_id, kind, bookmark))
+    return out
 
 
 RATE_PER_S = 300.0

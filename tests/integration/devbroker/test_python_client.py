@@ -339,7 +339,7 @@ class TestBookmarkReplay:
         assert received.wait_for(2) == ['{"n":2}', '{"n":3}']
 
     def test_replay_from_bookmark_list(self, shared_broker, connect):
-        """A comma list of bookmarks skips what each listed publisher already delivered."""
+        """A comma list of bookmarks resumes after the earliest of them, as AMPS does."""
         t = topic()
         alice, bob = connect(shared_broker.tcp_uri), connect(shared_broker.tcp_uri)
         for n in range(1, 4):
@@ -350,13 +350,14 @@ class TestBookmarkReplay:
         everything = Received()
         connect(shared_broker.tcp_uri).bookmark_subscribe(everything, t, "0")
         everything.wait_for(6)
-        # a1 b1 a2 b2 a3 b3: resume after a2 for alice and after b1 for bob.
+        # a1 b1 a2 b2 a3 b3: a2 and b1 listed, so everything after b1 (a2 included).
         listed = f"{everything.bookmarks[2]},{everything.bookmarks[1]}"
         resumed = Received()
         connect(shared_broker.tcp_uri).bookmark_subscribe(resumed, t, listed)
-        resumed.wait_for(3)
+        resumed.wait_for(4)
         alice.publish(t, '{"a":4}')
-        assert resumed.wait_for(4) == ['{"b":2}', '{"a":3}', '{"b":3}', '{"a":4}']
+        expected = ['{"a":2}', '{"b":2}', '{"a":3}', '{"b":3}', '{"a":4}']
+        assert resumed.wait_for(5) == expected
 
 
 class TestBookmarkStore:
@@ -388,6 +389,41 @@ class TestBookmarkStore:
             second = Received()
             client.bookmark_subscribe(second, t, recent, None, "resume")
             assert second.wait_for(2) == ['{"n":4}', '{"n":5}']
+        finally:
+            client.close()
+
+    def test_message_received_but_not_discarded_is_redelivered_with_two_publishers(
+        self, shared_broker, connect
+    ):
+        """Publisher A's message discarded, B's only received: after the subscription's
+        persisted ack, a resubscribe from the store still delivers B's message."""
+        t = topic()
+        client = AMPS.Client(f"store{uuid.uuid4().hex[:8]}")
+        store = AMPS.MemoryBookmarkStore()
+        client.set_bookmark_store(store)
+        client.connect(shared_broker.tcp_uri)
+        try:
+            client.logon()
+            alice, bob = connect(shared_broker.tcp_uri), connect(shared_broker.tcp_uri)
+            first = Received()
+
+            def discard_alice_only(message: AMPS.Message) -> None:
+                first(message)
+                if '"a"' in message.get_data():
+                    store.discard_message(message)
+
+            recent = AMPS.Client.Bookmarks.MOST_RECENT
+            client.bookmark_subscribe(discard_alice_only, t, recent, None, "held")
+            alice.publish(t, '{"a":1}')
+            first.wait_for(1)
+            bob.publish(t, '{"b":1}')
+            first.wait_for(2)
+            # The persisted ack has arrived once the store lists a second bookmark.
+            wait_until(lambda: "," in store.get_most_recent("held"), "a persisted ack")
+            client.unsubscribe("held")
+            second = Received()
+            client.bookmark_subscribe(second, t, recent, None, "held")
+            assert second.wait_for(1) == ['{"b":1}']
         finally:
             client.close()
 

@@ -489,19 +489,29 @@ class TestReplay:
         b = [e for e in two_publishers if e.publisher_id == publisher_id("b")]
         assert b == replay(log, f"{publisher_id('a')}|15|")
 
-    def test_list_starts_at_the_earliest_and_skips_per_publisher(
+    def test_list_replays_everything_after_its_earliest_bookmark(
         self, log: TransactionLog, two_publishers: list[LogEntry]
     ) -> None:
-        """A list replays from its earliest bookmark, skipping each publisher's covered messages."""
-        a1, _b1, a2, b2, a3, b3 = two_publishers
-        assert [a2, a3, b3] == replay(log, f"{a1.bookmark},{b2.bookmark}")
+        """A list replays every entry after its earliest bookmark, from every publisher,
+        even those a later-listed bookmark names (AMPS: "starts the subscription at the
+        earliest bookmark in the list")."""
+        a1, b1, a2, b2, a3, b3 = two_publishers
+        assert [b1, a2, b2, a3, b3] == replay(log, f"{b2.bookmark},{a1.bookmark}")
 
     def test_list_with_epoch_starts_at_the_beginning(
         self, log: TransactionLog, two_publishers: list[LogEntry]
     ) -> None:
-        """``0,pub|seq|`` replays from the start, skipping that publisher's covered messages."""
-        a1, _b1, a2, b2, a3, b3 = two_publishers
-        assert [a1, a2, a3, b3] == replay(log, f"0,{b2.bookmark}")
+        """``0,pub|seq|`` replays the whole log: epoch is the earliest point."""
+        assert two_publishers == replay(log, f"0,{two_publishers[3].bookmark}")
+
+    def test_list_with_an_unknown_bookmark_skips_only_that_publisher(
+        self, log: TransactionLog, two_publishers: list[LogEntry]
+    ) -> None:
+        """A listed bookmark not in the log starts replay at the oldest entry, skipping that
+        publisher up to it; the known one skips nothing."""
+        _a1, b1, _a2, b2, _a3, b3 = two_publishers
+        listed = f"{publisher_id('a')}|15|,{b1.bookmark}"
+        assert [b1, b2, b3] == replay(log, listed)
 
     def test_timestamp_replays_from_that_instant(
         self, log: TransactionLog, two_publishers: list[LogEntry]
