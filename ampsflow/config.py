@@ -107,6 +107,13 @@ class MarkerConfig:
     allowed_hosts: tuple[str, ...] = ()
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    otlp_max_decoded_bytes: int = 32 * 1024 * 1024
+    forward_queue_max_requests: int = 1000
+    forward_queue_max_bytes: int = 64 * 1024 * 1024
+    forward_retry_max_delay_ms: int = 30000
+    journey_max_spans: int = 100_000
+    journey_max_bytes: int = 64 * 1024 * 1024
+    journey_stall_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -158,3 +158,16 @@ class SetupError(AmpsflowError):
 
     The message says what is missing (e.g. ``systemd-sysusers``) and what to do.
     """
+
+
+class OtlpBodyError(AmpsflowError):
+    """Raised by the marker's span relay when an OTLP upload cannot be read.
+
+    ``reason`` is ``too_large`` (decompresses past the cap), ``bad_gzip`` or
+    ``malformed`` (not a valid ``ExportTraceServiceRequest``).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 settings.register_profile(
     "ci",
@@ -296,3 +299,62 @@ def hostile_bodies(ident: str, *, big_bytes: int = 64 * 1024) -> st.SearchStrate
         st.binary(max_size=64).map(lambda data: Body(data, None, "bytes")),
         json_value_text.map(lambda text: Body(text.encode("utf-8", "surrogatepass"), None, "any")),
     )
+
+
+# -- OTLP span uploads ---------------------------------------------------------------
+
+
+def otlp_span(
+    *,
+    trace_id: str,
+    span_id: str,
+    name: str,
+    service: str,
+    parent_id: str | None = None,
+    start_ns: int = 1_700_000_000_000_000_000,
+    duration_ns: int = 2_000_000,
+    error: str | None = None,
+    attributes: dict[str, str] | None = None,
+    events: tuple[str, ...] = (),
+) -> bytes:
+    """An ``ExportTraceServiceRequest`` holding one span, serialised."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.append(
+        KeyValue(key="service.name", value=AnyValue(string_value=service))
+    )
+    span = resource_spans.scope_spans.add().spans.add()
+    span.trace_id = bytes.fromhex(trace_id)
+    span.span_id = bytes.fromhex(span_id)
+    if parent_id:
+        span.parent_span_id = bytes.fromhex(parent_id)
+    span.name = name
+    span.kind = Span.SPAN_KIND_CONSUMER
+    span.start_time_unix_nano = start_ns
+    span.end_time_unix_nano = start_ns + duration_ns
+    for key, value in (attributes or {}).items():
+        span.attributes.append(KeyValue(key=key, value=AnyValue(string_value=value)))
+    for event in events:
+        span.events.add(name=event, time_unix_nano=start_ns + duration_ns)
+    if error is not None:
+        span.status.code = Status.STATUS_CODE_ERROR
+        span.status.message = error
+        span.events.add(name="exception", time_unix_nano=start_ns)
+    return request.SerializeToString()
+
+
+hex_ids = st.binary(min_size=16, max_size=16).filter(any).map(bytes.hex)
+
+
+def otlp_bodies() -> st.SearchStrategy[bytes]:
+    """Valid one-span uploads, truncated ones, and arbitrary bytes."""
+    valid = st.builds(
+        lambda t, s, n: otlp_span(trace_id=t, span_id=s[:16], name=n, service="fuzz"),
+        hex_ids,
+        hex_ids,
+        st.sampled_from(("publish-message", "process-message", "persist-message", "x")),
+    )
+    truncated = st.tuples(valid, st.integers(min_value=1, max_value=40)).map(
+        lambda pair: pair[0][: -pair[1]]
+    )
+    return st.one_of(valid, valid, truncated, st.binary(max_size=3000))

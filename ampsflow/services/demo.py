@@ -74,10 +74,12 @@ def demo_config(
     state = directory / "state"
     return {
         "amps": {"uri": f"tcp://127.0.0.1:{broker_tcp_port}/amps/json", "heartbeat_s": 5},
+        # Every service sends its spans to the marker, which keeps them for the
+        # page's journeys and forwards them to --otlp-endpoint when given.
         "telemetry": {
-            "exporter": "otlp" if otlp_endpoint else "none",
+            "exporter": "otlp",
             "protocol": "http/protobuf",
-            "endpoint": otlp_endpoint or "http://127.0.0.1:4318",
+            "endpoint": f"http://127.0.0.1:{marker_port}",
             "schedule_delay_ms": 200,
         },
         "processor": {"state_dir": str(state / "processor")},
@@ -349,9 +351,9 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
 def _print_banner(out: IO[str], directory: Path, port: int, otlp_endpoint: str | None) -> None:
     traces = (
-        f"sent to {otlp_endpoint}"
+        f"relayed by the marker (journeys on the page) and forwarded to {otlp_endpoint}"
         if otlp_endpoint
-        else "not exported (no collector; pass --otlp-endpoint URL to send them)"
+        else "relayed by the marker: journeys on the page (--otlp-endpoint URL forwards them)"
     )
     print(
         "\n".join(

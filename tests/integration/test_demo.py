@@ -42,19 +42,19 @@ class TestDemoConfig:
         path.write_text(yaml.safe_dump(mapping), encoding="utf-8")
         assert load_config(path, required=True).marker.listen == "127.0.0.1:3"
 
-    def test_without_collector_exports_nothing(self, tmp_path: Path) -> None:
-        """Without --otlp-endpoint the daemons export nothing and the page is told so."""
+    def test_without_collector_the_marker_relays(self, tmp_path: Path) -> None:
+        """Without --otlp-endpoint every daemon exports to the marker, which forwards nowhere."""
         mapping = demo_config(
             tmp_path, broker_tcp_port=1, broker_ws_port=2, marker_port=3, otlp_endpoint=None
         )
-        exporter, upstream = (
+        assert (
             mapping["telemetry"]["exporter"],
+            mapping["telemetry"]["endpoint"],
             mapping["marker"]["otlp_traces_upstream"],
-        )
-        assert (exporter, upstream) == ("none", None)
+        ) == ("otlp", "http://127.0.0.1:3", None)
 
     def test_collector_gets_every_service(self, tmp_path: Path) -> None:
-        """--otlp-endpoint feeds the daemons' exporter and the page's proxy."""
+        """With --otlp-endpoint the daemons still export to the marker, which forwards there."""
         mapping = demo_config(
             tmp_path,
             broker_tcp_port=1,
@@ -65,7 +65,7 @@ class TestDemoConfig:
         assert (
             mapping["telemetry"]["endpoint"],
             mapping["marker"]["otlp_traces_upstream"],
-        ) == ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces")
+        ) == ("http://127.0.0.1:3", "http://127.0.0.1:4318/v1/traces")
 
     def test_jaeger_ui_url_reaches_the_page(self, tmp_path: Path) -> None:
         """--jaeger-ui-url turns on the page's "open trace" links."""

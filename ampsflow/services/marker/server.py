@@ -8,9 +8,13 @@ broker has to allow cross-origin requests:
   served, so no request path can reach anything else. Hashed assets are cached
   for a year, ``index.html`` is revalidated on every load.
 - ``/config.json``: what the page needs from the ``marker`` config section.
-- ``POST /v1/traces``: the page's OTLP/HTTP spans, forwarded to
-  ``otlp_traces_upstream`` with a body-size cap and a timeout; an unreachable
-  collector is a quick 502 with a JSON reason, never a hanging request.
+- ``POST /v1/traces``: the span relay. OTLP/HTTP protobuf from the page and
+  from the daemons is decoded into the journey index
+  (:class:`~ampsflow.core.journeys.JourneyIndex`), answered 200 at once, and
+  queued unchanged for ``otlp_traces_upstream``
+  (:class:`~ampsflow.services.marker.relay.Forwarder`: bounded, retried).
+- ``/api/journeys``, ``/api/journeys/{trace id}``: the index as JSON;
+  ``/api/journeys/events``: changed journeys pushed as server-sent events.
 - ``/amps/json``: a WebSocket proxied frame by frame (text and binary kept as
   they are) to the broker's WebSocket listener ``amps_websocket_upstream``.
 - ``/healthz``: liveness plus the proxy counters.
@@ -33,6 +37,7 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import json
 import logging
 import re
 import signal
@@ -47,9 +52,12 @@ from aiohttp import WSMsgType, web
 
 from ampsflow.adapters.systemd import Notifier
 from ampsflow.config import Config, MarkerConfig, parse_host_port
-from ampsflow.errors import StartupError
+from ampsflow.core.journeys import JourneyIndex, summarise
+from ampsflow.errors import OtlpBodyError, StartupError
 from ampsflow.logs import configure_logging
 from ampsflow.services.marker.guard import Guard
+from ampsflow.services.marker.otlp import decompress, span_records
+from ampsflow.services.marker.relay import Forwarder
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +98,17 @@ OTLP_CONTENT_TYPES = ("application/x-protobuf", "application/protobuf")
 
 OTLP_CONTENT_ENCODINGS = ("identity", "gzip")
 """Content-Encodings accepted on ``/v1/traces`` (what OTLP exporters send)."""
+
+MAX_LISTED_JOURNEYS = 1000
+"""Most journeys one ``GET /api/journeys`` returns."""
+
+MAX_PUSHED_JOURNEYS = 200
+"""Most journeys one server-sent push carries (the newest of those that changed)."""
+
+PUSH_INTERVAL_S = 0.25
+"""Changes to journeys are coalesced this long before a push."""
+
+SSE_HEARTBEAT_S = 15.0
 
 REFUSAL_LOG_INTERVAL_S = 10.0
 """Refused requests are logged at WARNING at most once per interval and kind."""
@@ -189,7 +208,11 @@ def page_config(config: MarkerConfig) -> dict[str, object]:
         "topic": config.topic,
         "amps_websocket_url": config.amps_websocket_url,
         "jaeger_ui_url": config.jaeger_ui_url,
-        "traces_enabled": config.otlp_traces_upstream is not None,
+        # The page always exports: the marker keeps its spans for the journeys
+        # even when there is no upstream to forward them to.
+        "traces_enabled": True,
+        "traces_upstream": config.otlp_traces_upstream is not None,
+        "journey_stall_s": config.journey_stall_s,
     }
 
 
@@ -202,6 +225,9 @@ class Counters:
     otlp_upstream_errors: int = 0
     otlp_upstream_timeouts: int = 0
     otlp_dropped_no_upstream: int = 0
+    otlp_malformed: int = 0
+    otlp_spans_received: int = 0
+    journey_subscribers: int = 0
     ws_sessions_total: int = 0
     ws_sessions_active: int = 0
     ws_upstream_failures: int = 0
@@ -232,17 +258,37 @@ class _RefusalLog:
             logger.debug(message, *args)
 
 
+@dataclass(slots=True, eq=False)
+class _Subscriber:
+    """One page following journeys over server-sent events."""
+
+    dirty: set[str] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass(slots=True)
 class _State:
     config: MarkerConfig
     static: dict[str, StaticFile]
     guard: Guard
+    index: JourneyIndex
+    dead_letter_topic: str | None
     refusals: _RefusalLog = field(default_factory=_RefusalLog)
     counters: Counters = field(default_factory=Counters)
     session: aiohttp.ClientSession | None = None
+    forwarder: Forwarder | None = None
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
-    otlp_failing: bool = False
+    subscribers: set[_Subscriber] = field(default_factory=set)
     amps_failing: bool = False
+    closing: bool = False
+
+    def journeys_changed(self, trace_ids: set[str]) -> None:
+        """Tell every following page that these journeys changed."""
+        if not trace_ids:
+            return
+        for subscriber in self.subscribers:
+            subscriber.dirty |= trace_ids
+            subscriber.wake.set()
 
 
 _STATE = web.AppKey("marker_state", _State)
@@ -338,10 +384,25 @@ async def _config_json(request: web.Request) -> web.Response:
     return web.json_response(page_config(state.config), headers={"Cache-Control": "no-store"})
 
 
+def health_counters(app: web.Application) -> dict[str, object]:
+    """The body of ``/healthz`` for an app built by :func:`build_app`."""
+    state = app[_STATE]
+    body: dict[str, object] = {"status": "ok", **dataclasses.asdict(state.counters)}
+    if state.forwarder is not None:
+        forward = state.forwarder.counters
+        body |= {f"otlp_forward_{k}": v for k, v in dataclasses.asdict(forward).items()}
+        body |= {
+            "otlp_forwarded": forward.forwarded,
+            "otlp_upstream_errors": forward.upstream_errors,
+            "otlp_upstream_timeouts": forward.upstream_timeouts,
+        }
+    body |= {f"journey_{k}": v for k, v in dataclasses.asdict(state.index.stats).items()}
+    return body
+
+
 async def _healthz(request: web.Request) -> web.Response:
-    state = request.app[_STATE]
     return web.json_response(
-        {"status": "ok", **dataclasses.asdict(state.counters)},
+        health_counters(request.app),
         headers={"Cache-Control": "no-store"},
     )
 
@@ -378,27 +439,20 @@ def _unsupported_otlp(request: web.Request) -> str | None:
     return None
 
 
-def _otlp_failed(state: _State, message: str, *args: object) -> None:
-    # One WARNING per outage, not one per export batch of every open page.
-    if not state.otlp_failing:
-        state.otlp_failing = True
-        logger.warning(message, *args)
-    else:
-        logger.debug(message, *args)
-
-
 async def _traces(request: web.Request) -> web.Response:
+    """Take one OTLP upload: check it, index its spans, queue it for the upstream."""
     state = request.app[_STATE]
     config = state.config
+    counters = state.counters
     unsupported = _unsupported_otlp(request)
     if unsupported is not None:
-        state.counters.otlp_unsupported_media_type += 1
+        counters.otlp_unsupported_media_type += 1
         state.refusals.log("otlp-type", "refused an OTLP upload: %s", unsupported)
         return _json_error(415, "unsupported media type", unsupported)
     try:
         body = await _read_capped(request, config.otlp_max_body_bytes, config.body_timeout_s)
     except TimeoutError:
-        state.counters.body_timeouts += 1
+        counters.body_timeouts += 1
         state.refusals.log(
             "body-timeout",
             "an OTLP body from %s took over %.0f s",
@@ -407,56 +461,133 @@ async def _traces(request: web.Request) -> web.Response:
         )
         return _json_error(408, "request timeout", "the body did not arrive in time")
     if body is None:
-        state.counters.otlp_too_large += 1
-        logger.warning(
-            "rejected an OTLP body over otlp_max_body_bytes=%d", config.otlp_max_body_bytes
+        counters.otlp_too_large += 1
+        state.refusals.log(
+            "otlp-size",
+            "rejected an OTLP body over otlp_max_body_bytes=%d",
+            config.otlp_max_body_bytes,
         )
         limit = config.otlp_max_body_bytes
         return _json_error(413, "payload too large", f"OTLP bodies are limited to {limit} bytes")
-    if config.otlp_traces_upstream is None:
-        state.counters.otlp_dropped_no_upstream += 1
-        # An empty body is an empty ExportTraceServiceResponse: success for the exporter.
-        return web.Response(status=200, content_type="application/x-protobuf")
-    assert state.session is not None
-    # The bytes are forwarded as received (the server does not decompress
-    # request bodies), so their Content-Encoding still describes them.
-    headers = {"Content-Type": request.headers.get("Content-Type", "application/x-protobuf")}
-    if "Content-Encoding" in request.headers:
-        headers["Content-Encoding"] = request.headers["Content-Encoding"]
-    upstream = config.otlp_traces_upstream
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     try:
-        async with state.session.post(
-            upstream,
-            data=body,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=config.otlp_timeout_ms / 1000),
-        ) as response:
-            reply = await response.read()
-            status = response.status
-            content_type = response.headers.get("Content-Type", "application/x-protobuf")
-    except TimeoutError:
-        state.counters.otlp_upstream_timeouts += 1
-        _otlp_failed(
-            state, "OTLP upstream %s did not answer within %d ms", upstream, config.otlp_timeout_ms
+        spans = span_records(decompress(body, encoding, config.otlp_max_decoded_bytes))
+    except OtlpBodyError as exc:
+        # Not forwarded either: the upstream could not read it any better,
+        # and the index must not hold half of a request.
+        if exc.reason == "too_large":
+            counters.otlp_too_large += 1
+            status, error = 413, "payload too large"
+        else:
+            counters.otlp_malformed += 1
+            status, error = 400, "malformed OTLP body"
+        state.refusals.log(
+            f"otlp-{exc.reason}", "refused an OTLP upload from %s: %s", request.remote, exc
         )
-        return _json_error(
-            504,
-            "otlp upstream timeout",
-            f"{upstream} did not answer within {config.otlp_timeout_ms} ms",
-        )
-    except aiohttp.ClientError as exc:
-        state.counters.otlp_upstream_errors += 1
-        _otlp_failed(state, "OTLP upstream %s unavailable: %s", upstream, exc)
-        return _json_error(502, "otlp upstream unavailable", f"{upstream}: {exc}")
-    if status >= 400:
-        state.counters.otlp_upstream_errors += 1
-        _otlp_failed(state, "OTLP upstream %s answered HTTP %d", upstream, status)
+        return _json_error(status, error, str(exc))
+    counters.otlp_spans_received += len(spans)
+    touched = state.index.add(spans)
+    state.journeys_changed(touched)
+    if state.forwarder is None:
+        counters.otlp_dropped_no_upstream += 1
     else:
-        state.counters.otlp_forwarded += 1
-        if state.otlp_failing:
-            state.otlp_failing = False
-            logger.warning("OTLP upstream %s is accepting spans again", upstream)
-    return web.Response(status=status, body=reply, headers={"Content-Type": content_type})
+        # The bytes as received (the server does not decompress request
+        # bodies), so their Content-Encoding still describes them.
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/x-protobuf")}
+        if "Content-Encoding" in request.headers:
+            headers["Content-Encoding"] = request.headers["Content-Encoding"]
+        state.forwarder.submit(body, headers)
+    # An empty body is an empty ExportTraceServiceResponse: success for the exporter.
+    return web.Response(status=200, content_type="application/x-protobuf")
+
+
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _journey(state: _State, trace_id: str) -> dict[str, object]:
+    return summarise(state.index.spans(trace_id), dead_letter_topic=state.dead_letter_topic)
+
+
+def _limit(request: web.Request, default: int, maximum: int) -> int:
+    raw = request.query.get("limit", "")
+    if raw.isascii() and raw.isdigit():
+        return max(1, min(maximum, int(raw)))
+    return default
+
+
+async def _journeys(request: web.Request) -> web.Response:
+    """``GET /api/journeys[?failed=1][&limit=N][&message_id=ID]``: newest first."""
+    state = request.app[_STATE]
+    limit = _limit(request, 100, MAX_LISTED_JOURNEYS)
+    message_id = request.query.get("message_id")
+    failed_only = request.query.get("failed", "") in ("1", "true", "yes")
+    if message_id is not None:
+        trace_ids = list(reversed(state.index.traces_of_message(message_id)))[:limit]
+    else:
+        trace_ids = state.index.recent(limit, failed_only=failed_only)
+    return web.json_response(
+        {"journeys": [_journey(state, t) for t in trace_ids]},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _journey_by_id(request: web.Request) -> web.Response:
+    """``GET /api/journeys/{trace_id}``: one journey with its spans, or 404."""
+    state = request.app[_STATE]
+    trace_id = request.match_info["trace_id"].lower()
+    if not _TRACE_ID.match(trace_id) or not state.index.spans(trace_id):
+        return _json_error(404, "unknown trace", f"no spans of trace {trace_id[:40]!r} are held")
+    return web.json_response(_journey(state, trace_id), headers={"Cache-Control": "no-store"})
+
+
+async def _journey_events(request: web.Request) -> web.StreamResponse:
+    """``GET /api/journeys/events``: server-sent events, one ``journey`` per changed trace.
+
+    Changes are coalesced for ``PUSH_INTERVAL_S`` and at most
+    ``MAX_PUSHED_JOURNEYS`` journeys (the newest) are sent per push; a comment
+    line every ``SSE_HEARTBEAT_S`` keeps proxies from closing an idle stream.
+    """
+    state = request.app[_STATE]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",
+            **SECURITY_HEADERS,
+        }
+    )
+    await response.prepare(request)
+    subscriber = _Subscriber()
+    state.subscribers.add(subscriber)
+    state.counters.journey_subscribers += 1
+    try:
+        await response.write(b": journeys\n\n")
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(subscriber.wake.wait(), timeout=SSE_HEARTBEAT_S)
+            if not subscriber.wake.is_set():
+                await response.write(b": heartbeat\n\n")
+                continue
+            if state.closing:
+                break
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            subscriber.wake.clear()
+            changed, subscriber.dirty = subscriber.dirty, set()
+            held = [t for t in changed if state.index.spans(t)]
+            if len(held) > MAX_PUSHED_JOURNEYS:
+                held = [t for t in state.index.recent(state.index.stats.traces) if t in changed]
+            chunks = []
+            for trace_id in held[:MAX_PUSHED_JOURNEYS]:
+                data = json.dumps(_journey(state, trace_id), separators=(",", ":"))
+                chunks.append(f"event: journey\ndata: {data}\n\n".encode())
+            if chunks:
+                await response.write(b"".join(chunks))
+    except ConnectionError:
+        logger.debug("journey stream to %s closed by the page", request.remote)
+    finally:
+        state.subscribers.discard(subscriber)
+        state.counters.journey_subscribers -= 1
+    return response
 
 
 async def _relay(
@@ -534,16 +665,33 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     state = app[_STATE]
     # No total timeout here: the OTLP call sets its own, and WebSocket
     # sessions live as long as the page.
-    state.session = aiohttp.ClientSession(
+    state.session = session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=UPSTREAM_CONNECT_TIMEOUT_S),
         auto_decompress=False,
     )
+    config = state.config
+    if config.otlp_traces_upstream is not None:
+        state.forwarder = Forwarder(
+            url=config.otlp_traces_upstream,
+            session=lambda: session,
+            timeout_s=config.otlp_timeout_ms / 1000,
+            max_requests=config.forward_queue_max_requests,
+            max_bytes=config.forward_queue_max_bytes,
+            max_delay_s=config.forward_retry_max_delay_ms / 1000,
+        )
+        state.forwarder.start()
     yield
-    await state.session.close()
+    if state.forwarder is not None:
+        await state.forwarder.stop()
+    await session.close()
 
 
 async def _close_websockets(app: web.Application) -> None:
-    for socket in list(app[_STATE].sockets):
+    state = app[_STATE]
+    state.closing = True
+    for subscriber in state.subscribers:
+        subscriber.wake.set()
+    for socket in list(state.sockets):
         await socket.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
 
@@ -552,8 +700,16 @@ async def _hide_server_header(request: web.Request, response: web.StreamResponse
     response.headers.pop("Server", None)
 
 
-def build_app(config: MarkerConfig, *, static_dir: Path = STATIC_DIR) -> web.Application:
+def build_app(
+    config: MarkerConfig,
+    *,
+    static_dir: Path = STATIC_DIR,
+    dead_letter_topic: str | None = "internal.dlq",
+) -> web.Application:
     """The marker web application for ``config``, serving the page from ``static_dir``.
+
+    ``dead_letter_topic`` is the processor's: a journey whose message was
+    published there shows as dead-lettered.
 
     Raises:
         StartupError: when the page is missing from ``static_dir``.
@@ -572,13 +728,22 @@ def build_app(config: MarkerConfig, *, static_dir: Path = STATIC_DIR) -> web.App
         allowed_hosts=config.allowed_hosts,
         allowed_origins=config.allowed_origins,
     )
-    app[_STATE] = _State(config=config, static=load_static(static_dir), guard=guard)
+    app[_STATE] = _State(
+        config=config,
+        static=load_static(static_dir),
+        guard=guard,
+        index=JourneyIndex(max_spans=config.journey_max_spans, max_bytes=config.journey_max_bytes),
+        dead_letter_topic=dead_letter_topic,
+    )
     app.cleanup_ctx.append(_client_session)
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(_hide_server_header)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/config.json", _config_json)
     app.router.add_post("/v1/traces", _traces)
+    app.router.add_get("/api/journeys", _journeys)
+    app.router.add_get("/api/journeys/events", _journey_events)
+    app.router.add_get("/api/journeys/{trace_id}", _journey_by_id)
     app.router.add_get("/amps/json", _amps_websocket)
     app.router.add_get("/{path:.*}", _static)
     return app
@@ -597,7 +762,7 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None
     """
     marker = config.marker
     host, port = parse_host_port(marker.listen)
-    app = build_app(marker)
+    app = build_app(marker, dead_letter_topic=config.processor.dead_letter_topic)
     runner = web.AppRunner(app, access_log=logger if logger.isEnabledFor(logging.DEBUG) else None)
     await runner.setup()
     try:
@@ -607,7 +772,9 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None
         except OSError as exc:
             raise StartupError(f"cannot listen on {marker.listen}: {exc.strerror or exc}") from exc
         if marker.otlp_traces_upstream is None:
-            logger.warning("otlp_traces_upstream is not set: the page's spans are not exported")
+            logger.info(
+                "otlp_traces_upstream is not set: spans are kept for the journeys, not forwarded"
+            )
         logger.info(
             "marker serving on http://%s:%d (AMPS upstream %s, OTLP upstream %s)",
             host,
