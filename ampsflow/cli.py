@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--jsonl", type=Path, required=True, metavar="FILE", help="the persister's JSONL output"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--any-order",
+        action="store_true",
+        help="do not check publish order (several processors sharing a queue)",
+    )
     return parser
 
 

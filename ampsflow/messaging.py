@@ -15,7 +15,7 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One message from a bookmark subscription, copied out of the client's buffer.
+    """One message from a bookmark or queue subscription, copied out of the client's buffer.
 
     Attributes:
         topic: The topic it was published to.
@@ -25,6 +25,10 @@ class Received:
         sub_id: The subscription that delivered it.
         seq_no: The bookmark store's own sequence number, used by
             :meth:`MessageSource.discard`.
+        queued: It came from an AMPS message queue (it carries a lease):
+            :meth:`MessageSource.discard` acknowledges it to the queue.
+        redelivered: A queue message this consumer had already received (a lease
+            that ran out, a cancel, a reconnect): it may have been processed before.
     """
 
     topic: str
@@ -33,6 +37,8 @@ class Received:
     bookmark: str
     sub_id: str
     seq_no: int
+    queued: bool = False
+    redelivered: bool = False
 
 
 class MessageSource(Protocol):

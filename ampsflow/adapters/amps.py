@@ -2,6 +2,12 @@
 
 :class:`AmpsClient` wraps one ``AMPS.HAClient`` and gives a service three things:
 
+- **A queue consumer.** :meth:`AmpsClient.subscribe_queue` subscribes to an AMPS message
+  queue instead: the broker leases up to ``max_backlog`` messages at a time to this
+  client, :meth:`AmpsClient.discard` acknowledges one (a ``sow_delete`` with its
+  bookmark, stored in the publish store first when there is one, so it is re-sent after a
+  reconnect or restart), and a message whose lease ran out or whose consumer went away
+  is delivered again, possibly to another client.
 - **A consumer.** :meth:`AmpsClient.subscribe` places a *bookmark subscription*
   backed by an ``MMapBookmarkStore`` file in ``state_dir``.
   :meth:`AmpsClient.receive` hands the service one
@@ -59,6 +65,7 @@ import random
 import socket
 import threading
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,6 +82,8 @@ logger = logging.getLogger(__name__)
 _DATA_COMMANDS = frozenset({"p", "publish", "sow", "oof"})
 _INITIAL_DELAY_S = 0.2
 _QUEUE_POLL_S = 0.2
+_SEEN_QUEUE_BOOKMARKS = 100_000
+"""Queue bookmarks remembered per process to recognise a redelivery to this consumer."""
 
 
 def default_client_name(service: str) -> str:
@@ -217,6 +226,7 @@ class AmpsClient:
         self._reconnects = 0
         self._on_reconnect: list[Callable[[], None]] = []
         self._queue: queue.Queue[Received] = queue.Queue(maxsize=queue_size)
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self._has_publish_store = publish_store
         password = read_secret(config.password_file) if config.password_file else None
         uris = [_with_credentials(u, config.user, password) for u in config.all_uris]
@@ -366,16 +376,50 @@ class AmpsClient:
             self._bookmarks.get_most_recent(sid) or "the beginning",
         )
 
+    def subscribe_queue(self, topic: str, *, max_backlog: int, sub_id: str | None = None) -> None:
+        """Subscribe to the AMPS message queue ``topic``, holding up to ``max_backlog`` leases.
+
+        Delivered messages go to :meth:`receive`; :meth:`discard` acknowledges them. The
+        client re-places the subscription after a reconnect.
+
+        Raises:
+            AmpsError: when the broker rejects the subscription.
+        """
+        sid = sub_id or topic
+        command = (
+            AMPS.Command("subscribe")
+            .set_topic(topic)
+            .set_sub_id(sid)
+            .set_options(f"max_backlog={max_backlog}")
+        )
+        try:
+            self._client.execute_async(command, self._on_message)
+        except AMPS.AMPSException as exc:
+            raise AmpsError(f"cannot subscribe to queue {topic}: {exc}") from exc
+        logger.info("subscribed to queue %s (sub_id %s, max_backlog %d)", topic, sid, max_backlog)
+
     def _on_message(self, message: Any) -> None:
         if message.get_command() not in _DATA_COMMANDS:
             return
+        bookmark = message.get_bookmark() or ""
+        queued = bool(message.get_lease_period())
+        redelivered = False
+        if queued and bookmark:
+            seen = self._seen
+            redelivered = bookmark in seen
+            seen[bookmark] = None
+            seen.move_to_end(bookmark)
+            if len(seen) > _SEEN_QUEUE_BOOKMARKS:
+                seen.popitem(last=False)
         received = Received(
             topic=message.get_topic() or "",
             body=message.get_data_raw() or b"",
             correlation_id=message.get_correlation_id() or None,
-            bookmark=message.get_bookmark() or "",
+            bookmark=bookmark,
             sub_id=message.get_sub_id() or "",
-            seq_no=int(message.get_bookmark_seq_no() or 0),
+            seq_no=0 if queued else int(message.get_bookmark_seq_no() or 0),
+            queued=queued,
+            redelivered=redelivered,
         )
         while not self._closing.is_set():
             try:
@@ -396,8 +440,32 @@ class AmpsClient:
         return self._queue.qsize()
 
     def discard(self, message: Received) -> None:
-        """Record ``message`` as finished in the bookmark store (local, sends nothing)."""
-        self._bookmarks.discard(message.sub_id, message.seq_no)
+        """Mark ``message`` finished.
+
+        A bookmark subscription's message is discarded in the bookmark store (local,
+        sends nothing); a queue message is acknowledged to the queue (through the publish
+        store when there is one, so the ack survives a crash of this process).
+
+        A queue ack that cannot be stored or sent is logged: the message's lease then
+        runs out and it is delivered again, so nothing is lost.
+        """
+        if not message.queued:
+            self._bookmarks.discard(message.sub_id, message.seq_no)
+            return
+        try:
+            self._client.ack(message.topic, message.bookmark)
+        except AMPS.DisconnectedException:
+            if self._has_publish_store:
+                logger.debug("queue ack of %s stored while disconnected", message.bookmark)
+            else:
+                logger.warning(
+                    "queue ack of %s not sent (disconnected); it is delivered again",
+                    message.bookmark,
+                )
+        except AMPS.AMPSException as exc:
+            logger.warning(
+                "queue ack of %s failed (%s); it is delivered again", message.bookmark, exc
+            )
 
     # -- publisher --------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """``ampsflow audit``: reconcile a list of published message ids against the JSONL.
 
 Exit status: 0 when the JSONL holds every published message exactly once, in
-publish order per publisher, with no torn or invalid line; 1 when it does not;
+publish order per publisher (unless ``--any-order``: several processors sharing
+a queue process messages in parallel), with no torn or invalid line; 1 when it does not;
 2 when a file cannot be read. The report goes to stdout, as text or (``--json``)
 as one JSON object. See :mod:`ampsflow.core.audit` for what each count means.
 """
@@ -40,7 +41,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     published: Path = args.published
     jsonl: Path = args.jsonl
     try:
-        report = reconcile(_text_lines(published), _binary_lines(jsonl))
+        report = reconcile(_text_lines(published), _binary_lines(jsonl), ordered=not args.any_order)
     except OSError as exc:
         print(
             f"ampsflow audit: cannot read {exc.filename}: {exc.strerror or exc}",

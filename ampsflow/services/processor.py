@@ -21,6 +21,14 @@ Per message (:meth:`Processor.handle`):
    republishes that one message after the restart, and the persister drops the
    repeat by message id.
 
+With ``input_mode: queue``, ``input_topic`` names an AMPS message queue and any
+number of processors share it: each holds up to ``max_backlog`` leased messages
+and acknowledges one (step 5) only once its output is in the publish store. A
+processor that dies or disconnects has its unacknowledged messages delivered to
+the others, which publish them again (the persister drops the repeats by message
+id); a message this processor had already received before (a lease that ran
+out, a reconnect) is marked ``ampsflow.amps.redelivered`` on its span.
+
 Bad input (not UTF-8, not JSON, not an object, too large, a lone surrogate,
 a duplicate key, a number out of range: the rules of
 :func:`ampsflow.core.transform.parse_body`), an output that would be over
@@ -70,6 +78,9 @@ from ampsflow.messaging import MessageSink, MessageSource, Received
 from ampsflow.service import Daemon, run_daemon
 
 logger = logging.getLogger(__name__)
+
+REDELIVERED_ATTRIBUTE = "ampsflow.amps.redelivered"
+"""Set (true) on ``process-message`` when the queue delivered the message again."""
 
 PROCESS_SPAN = "process-message"
 """Name of the CONSUMER span around each message."""
@@ -191,6 +202,8 @@ class Processor:
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
+            if message.redelivered:
+                span.set_attribute(REDELIVERED_ATTRIBUTE, True)
             if problem is not None:
                 span.set_attribute(PROBLEM_ATTRIBUTE, problem)
                 self._instruments.correlation_problems.add(1, {"problem": problem})
@@ -346,7 +359,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
         try:
             client.connect()
             try:
-                client.subscribe(section.input_topic)
+                if section.input_mode == "queue":
+                    client.subscribe_queue(section.input_topic, max_backlog=section.max_backlog)
+                else:
+                    client.subscribe(section.input_topic)
             except AmpsError as exc:
                 raise StartupError(str(exc)) from exc
             daemon.ready(

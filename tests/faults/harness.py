@@ -105,8 +105,9 @@ class AuditResult:
     stderr: str
 
 
-def run_audit(published: Path, jsonl: Path) -> AuditResult:
-    """Run ``ampsflow audit --published FILE --jsonl FILE --json`` as an operator would."""
+def run_audit(published: Path, jsonl: Path, *, any_order: bool = False) -> AuditResult:
+    """Run ``ampsflow audit --published FILE --jsonl FILE --json`` as an operator would
+    (with ``--any-order`` when ``any_order``)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -118,6 +119,7 @@ def run_audit(published: Path, jsonl: Path) -> AuditResult:
             "--jsonl",
             str(jsonl),
             "--json",
+            *(["--any-order"] if any_order else []),
         ],
         capture_output=True,
         text=True,

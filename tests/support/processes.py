@@ -265,11 +265,19 @@ class Daemon:
 class Devbroker(Daemon):
     """``ampsflow devbroker`` on two free loopback ports with a data directory."""
 
-    def __init__(self, data_dir: Path, log_path: Path, users_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        users_file: Path | None = None,
+        config: Path | None = None,
+    ) -> None:
         self.tcp_port = free_port()
         self.ws_port = free_port()
         self.data_dir = data_dir
         users = ["--users-file", str(users_file)] if users_file is not None else []
+        if config is not None:
+            users += ["--config", str(config)]
         super().__init__(
             "devbroker",
             [
@@ -341,10 +349,16 @@ class Processes:
         self.root = root
         self._daemons: list[Daemon] = []
 
-    def devbroker(self, name: str = "devbroker", *, users_file: Path | None = None) -> Devbroker:
+    def devbroker(
+        self,
+        name: str = "devbroker",
+        *,
+        users_file: Path | None = None,
+        config: Path | None = None,
+    ) -> Devbroker:
         """A started devbroker with its data under ``root/name`` (logons checked
-        against ``users_file`` when given)."""
-        broker = Devbroker(self.root / name, self.root / f"{name}.log", users_file)
+        against ``users_file`` when given; other settings from ``config``)."""
+        broker = Devbroker(self.root / name, self.root / f"{name}.log", users_file, config)
         self._daemons.append(broker)
         broker.start()
         return broker

@@ -69,6 +69,14 @@ class TestOrder:
         expected = (["b"], False)
         assert expected == (report.out_of_order, report.is_clean)
 
+    def test_any_order_checks_only_loss_and_duplicates(self) -> None:
+        """ordered=False (several processors on a queue): a reordering is clean, a
+        duplicate or a loss still is not."""
+        assert reconcile(published("a", "b", "c"), jsonl("c", "a", "b"), ordered=False).is_clean
+        report = reconcile(published("a", "b", "c"), jsonl("c", "a", "a"), ordered=False)
+        expected = (["b"], {"a": 2}, [])
+        assert expected == (report.lost, report.duplicated, report.out_of_order)
+
     def test_only_the_displaced_message_counts(self) -> None:
         """One message persisted late counts once, not every message it passed."""
         report = reconcile(published("a", "b", "c", "d"), jsonl("b", "c", "d", "a"))
