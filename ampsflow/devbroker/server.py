@@ -119,11 +119,20 @@ def _ensure_fd_limit(wanted: int) -> None:
         )
 
 
+_UNDECODABLE = object()
+"""What :func:`_parse_body` returns for a body no filter can be evaluated on."""
+
+
 def _parse_body(body: bytes) -> object:
+    """The JSON value filters are evaluated on: ``None`` when the body is not JSON (filters
+    on fields then do not match), :data:`_UNDECODABLE` when it is JSON the decoder cannot
+    take (nesting deeper than the interpreter's recursion limit, or out of memory)."""
     try:
         return json.loads(body)
     except ValueError:
         return None
+    except (RecursionError, MemoryError):
+        return _UNDECODABLE
 
 
 def _tail(entry: LogEntry, bookmark: str, with_timestamp: bool) -> bytes:
@@ -169,6 +178,7 @@ class Broker:
         )
         self._logon_slots = asyncio.Semaphore(config.max_concurrent_logons)
         self._refused_log = _Throttle(LOG_EVERY_S)
+        self._filter_log = _Throttle(LOG_EVERY_S)
         self._accept_log = _Throttle(LOG_EVERY_S)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous_handler: Any = None
@@ -547,6 +557,39 @@ class Broker:
                     self.counters.internal_errors += 1
                     logger.exception("delivery of log position %d failed", entry.position)
 
+    def _matches(self, sub: Subscription, entry: LogEntry, body: object) -> bool:
+        """Evaluate ``sub``'s content filter on ``entry`` (decoded as ``body``).
+
+        A filter that cannot be evaluated (the body cannot be decoded, or evaluation
+        fails) does not match, for that subscription only: counted in ``filter_errors``
+        and logged at most every :data:`LOG_EVERY_S`; delivery to everyone else and the
+        subscription itself go on.
+        """
+        assert sub.matches_body is not None
+        problem: str
+        if body is _UNDECODABLE:
+            problem = "the body cannot be decoded (nested too deeply)"
+        else:
+            try:
+                return sub.matches_body(body)
+            except Exception as exc:  # any failure means "no match" for this subscription
+                problem = f"{type(exc).__name__}: {exc}"[:200]
+        self.counters.filter_errors += 1
+        held = self._filter_log.allow()
+        if held is not None:
+            logger.warning(
+                "%r: filter of subscription %s cannot be evaluated on log position %d (%d "
+                "bytes on %s): %s; treated as no match (%d more since the last such line)",
+                sub.conn,
+                sub.sub_id,
+                entry.position,
+                len(entry.body),
+                entry.topic,
+                problem,
+                held,
+            )
+        return False
+
     def _deliver(self, entry: LogEntry, subs: list[Subscription]) -> None:
         body: object = _UNPARSED
         targets: dict[Connection, list[Subscription]] = {}
@@ -556,7 +599,7 @@ class Broker:
             if sub.matches_body is not None:
                 if body is _UNPARSED:
                     body = _parse_body(entry.body)
-                if not sub.matches_body(body):
+                if not self._matches(sub, entry, body):
                     continue
             group = targets.get(sub.conn)
             if group is None:
@@ -578,8 +621,15 @@ class Broker:
                     plain = _tail(entry, bookmark, False)
                 tail = plain
             sids = group[0].sid if len(group) == 1 else b",".join(s.sid for s in group)
-            conn.deliver(sids, tail, entry.body)
-        self.counters.delivered += len(targets)
+            try:
+                conn.deliver(sids, tail, entry.body)
+            except Exception:
+                # One connection's failure must not keep the message from the others.
+                self.counters.internal_errors += 1
+                logger.exception("%r: delivery of log position %d failed", conn, entry.position)
+                conn.close("internal error")
+                continue
+            self.counters.delivered += 1
 
     async def _replay(self, sub: Subscription, cursor: ReplayCursor) -> None:
         conn = sub.conn
@@ -593,8 +643,8 @@ class Broker:
                 for entry in entries:
                     if entry.topic == RECORD_TOPIC or not sub.matches_topic(entry.topic):
                         continue
-                    if sub.matches_body is not None and not sub.matches_body(
-                        _parse_body(entry.body)
+                    if sub.matches_body is not None and not self._matches(
+                        sub, entry, _parse_body(entry.body)
                     ):
                         continue
                     bookmark = entry.bookmark
@@ -608,6 +658,11 @@ class Broker:
                 conn.send(protocol.ack(sub.command, "completed"))
         except (TransactionLogError, OSError) as exc:
             logger.error("%r: replay for %s failed: %s", conn, sub.sub_id, exc)  # noqa: TRY400 - one line says it all
+            conn.close("replay failed")
+        except Exception:
+            # Never a subscription that silently stays behind: the client resubscribes.
+            self.counters.internal_errors += 1
+            logger.exception("%r: replay for %s failed; closing", conn, sub.sub_id)
             conn.close("replay failed")
 
     # ------------------------------------------------------------------ periodic work

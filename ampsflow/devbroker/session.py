@@ -110,6 +110,7 @@ class Counters:
     slow_consumers: int = 0
     heartbeat_timeouts: int = 0
     internal_errors: int = 0
+    filter_errors: int = 0
     oversized_headers: int = 0
     bad_logons: int = 0
     logon_timeouts: int = 0

@@ -1,0 +1,154 @@
+"""Delivery with the official Python client: bodies filters cannot evaluate, large
+batches to a subscriber that reads, large replays, and a subscriber that does not read."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import AMPS
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.integration.devbroker.conftest import RunningBroker, wait_until
+from tests.integration.devbroker.test_python_client import Received
+from tests.strategies import Body, examples, hostile_bodies
+
+DEEP = 100_000
+"""Nesting depth of the body no JSON decoder in the broker can take."""
+
+
+def topic() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def deep_body(depth: int = DEEP) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., AMPS.Client]]:
+    """Connect and log on official clients; all are closed at teardown."""
+    clients: list[AMPS.Client] = []
+
+    def make(uri: str, name: str | None = None) -> AMPS.Client:
+        client = AMPS.Client(name or f"c{uuid.uuid4().hex[:8]}")
+        clients.append(client)
+        client.connect(uri)
+        client.logon()
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+class TestFilterCannotEvaluate:
+    def test_live_delivery_goes_on_for_everyone(
+        self, start_broker: Callable[..., RunningBroker], connect, caplog
+    ) -> None:
+        """A body nested 100,000 deep reaches unfiltered subscribers; a filtered one just
+        does not match it, is counted and logged, and keeps receiving what follows."""
+        broker = start_broker()
+        t = topic()
+        unfiltered, filtered = Received(), Received()
+        connect(broker.tcp_uri).subscribe(unfiltered, t)
+        connect(broker.tcp_uri).subscribe(filtered, t, "/n > 0")
+        publisher = connect(broker.tcp_uri)
+        with caplog.at_level(logging.WARNING, logger="ampsflow.devbroker.server"):
+            publisher.publish(t, deep_body())
+            publisher.publish(t, '{"n":1}')
+            publisher.publish_flush(10_000)
+            assert unfiltered.wait_for(2)[1] == '{"n":1}'
+            assert filtered.wait_for(1) == ['{"n":1}']
+        assert broker.counter("filter_errors") == 1
+        assert "cannot be evaluated" in caplog.text
+        assert broker.counter("internal_errors") == 0
+
+    def test_filtered_replay_passes_it_and_goes_live(
+        self, start_broker: Callable[..., RunningBroker], connect
+    ) -> None:
+        """A filtered bookmark replay over that body carries on past it and turns live."""
+        broker = start_broker()
+        t = topic()
+        publisher = connect(broker.tcp_uri)
+        publisher.publish(t, '{"n":1}')
+        publisher.publish(t, deep_body())
+        publisher.publish(t, '{"n":2}')
+        publisher.publish_flush(10_000)
+        replayed = Received()
+        connect(broker.tcp_uri).bookmark_subscribe(replayed, t, "0", "/n > 0")
+        assert replayed.wait_for(2) == ['{"n":1}', '{"n":2}']
+        publisher.publish(t, '{"n":3}')
+        assert replayed.wait_for(3)[2] == '{"n":3}'
+        assert broker.counter("filter_errors") == 1
+
+    def test_each_filtered_subscription_counts_its_own_failure(
+        self, start_broker: Callable[..., RunningBroker], connect
+    ) -> None:
+        """Two filtered subscriptions: each treats the body as no match on its own."""
+        broker = start_broker()
+        t = topic()
+        first, second = Received(), Received()
+        connect(broker.tcp_uri).subscribe(first, t, "/n = 1")
+        connect(broker.tcp_uri).subscribe(second, t, "/n = 2")
+        publisher = connect(broker.tcp_uri)
+        publisher.publish(t, deep_body())
+        publisher.publish(t, '{"n":2}')
+        publisher.publish(t, '{"n":1}')
+        publisher.publish_flush(10_000)
+        assert (first.wait_for(1), second.wait_for(1)) == (['{"n":1}'], ['{"n":2}'])
+        assert broker.counter("filter_errors") == 2
+
+
+class TestHostileBodies:
+    @settings(
+        max_examples=examples(20),
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(body=hostile_bodies("x1", big_bytes=256 * 1024))
+    def test_every_body_reaches_unfiltered_and_no_body_stops_filtered(
+        self, shared_broker: RunningBroker, body: Body
+    ) -> None:
+        """Whatever the body, an unfiltered subscriber gets it and the canary after it, and
+        a filtered subscriber still gets the canary: nothing stuck, nothing lost."""
+        t = topic()
+        publisher = AMPS.Client(f"p{uuid.uuid4().hex[:8]}")
+        subscriber = AMPS.Client(f"s{uuid.uuid4().hex[:8]}")
+        try:
+            for client in (publisher, subscriber):
+                client.connect(shared_broker.tcp_uri)
+                client.logon()
+            everything, filtered = RawReceived(), RawReceived()
+            subscriber.subscribe(everything, t)
+            subscriber.subscribe(filtered, t, "/id = 'canary' OR /a > 0")
+            publisher.publish(t, body.data)
+            publisher.publish(t, '{"id":"canary"}')
+            publisher.publish_flush(10_000)
+            got = everything.wait_for(2)
+            assert got == [body.data, b'{"id":"canary"}']
+            assert filtered.wait_for(1)[-1] == b'{"id":"canary"}'
+        finally:
+            publisher.close()
+            subscriber.close()
+
+
+class RawReceived:
+    """Message bodies as bytes, in order."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, message: AMPS.Message) -> None:
+        raw = message.get_data_raw()
+        with self.lock:
+            self.bodies.append(raw if isinstance(raw, bytes) else str(raw).encode())
+
+    def wait_for(self, count: int) -> list[bytes]:
+        wait_until(lambda: len(self.bodies) >= count, f"{count} messages")
+        with self.lock:
+            return list(self.bodies)
