@@ -35,8 +35,9 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.trace import SpanKind
 
 from ampsflow.adapters import otlp_wire
+from ampsflow.adapters.instruments import messaging_attributes
 from ampsflow.adapters.otlp_wire import OtlpHttpSpanExporter
-from ampsflow.adapters.telemetry import messaging_attributes, setup_telemetry
+from ampsflow.adapters.telemetry import setup_telemetry
 from ampsflow.config import TelemetryConfig
 from ampsflow.service import tune_garbage_collection
 from benchmarks.otlp_sink import OtlpSink

@@ -61,15 +61,10 @@ from opentelemetry import trace  # noqa: E402
 from opentelemetry.sdk.trace import Span as SdkSpan  # noqa: E402
 from opentelemetry.trace import SpanKind  # noqa: E402
 
+from ampsflow.adapters.instruments import messaging_attributes, metric_attributes  # noqa: E402
+from ampsflow.adapters.propagation import correlation_id_of, extract_context  # noqa: E402
 from ampsflow.adapters.sink import JsonlSink  # noqa: E402
-from ampsflow.adapters.telemetry import (  # noqa: E402
-    Telemetry,
-    correlation_id_of,
-    extract_context,
-    messaging_attributes,
-    metric_attributes,
-    setup_telemetry,
-)
+from ampsflow.adapters.telemetry import Telemetry, setup_telemetry  # noqa: E402
 from ampsflow.config import ProcessorConfig, TelemetryConfig  # noqa: E402
 from ampsflow.service import Daemon  # noqa: E402
 from ampsflow.services import processor as processor_module  # noqa: E402

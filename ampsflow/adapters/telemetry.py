@@ -26,18 +26,19 @@ for a service:
 :meth:`Telemetry.shutdown` flushes every queued span; services call it last on
 SIGTERM so no span is lost when systemd stops them. Spans the batch queue had
 to drop and spans whose export failed are counted
-(``ampsflow.telemetry.spans.dropped``) and reported by a rate-limited warning.
+(``ampsflow.telemetry.spans.dropped``) and reported by a rate-limited warning
+(:mod:`ampsflow.adapters.span_loss`).
 
-The trace context of a message travels in the AMPS CorrelationId (see
-:mod:`ampsflow.core.codec`); :func:`extract_context` and
-:func:`correlation_id_of` translate between it and OpenTelemetry.
+The rest of the telemetry is one module per concept: the instruments and span
+attributes in :mod:`ampsflow.adapters.instruments`, the trace context carried
+in the AMPS CorrelationId in :mod:`ampsflow.adapters.propagation`, the span
+encoder in :mod:`ampsflow.adapters.otlp_wire`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from typing import Literal
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import Counter, Histogram, Meter
+from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -55,14 +56,12 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace import Span as SdkSpan
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
-    SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import (
     Decision,
@@ -73,13 +72,8 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import (
     Link,
-    NonRecordingSpan,
     Span,
-    SpanContext,
     SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
     Tracer,
     TraceState,
     get_current_span,
@@ -87,258 +81,17 @@ from opentelemetry.trace import (
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from ampsflow import __version__
+from ampsflow.adapters.instruments import BATCH_SIZE_BUCKETS, DURATION_BUCKETS_S, Instruments
+from ampsflow.adapters.span_loss import CountingExporter, CountingProcessor, SpanLossCounter
 from ampsflow.config import TelemetryConfig
-from ampsflow.core.codec import TraceParent, decode_correlation_id, encode_correlation_id
-from ampsflow.errors import CorrelationIdError
 
 logger = logging.getLogger(__name__)
 
-MESSAGING_SYSTEM = "amps"
-"""Value of ``messaging.system`` on every span and metric."""
-
-PROBLEM_ATTRIBUTE = "ampsflow.correlation_id.problem"
-"""Span attribute naming why a message's CorrelationId could not be used."""
-
-BOOKMARK_ATTRIBUTE = "ampsflow.amps.bookmark"
-"""Span attribute holding the AMPS bookmark of the message."""
 
 ORIGINAL_TRACE_ATTRIBUTE = "ampsflow.original_trace_id"
 """On a failure span that had to start its own trace (its message's trace was
 not sampled): the message's trace id, 32 hex digits. The sampler always
 samples a span started with this attribute."""
-
-DURATION_BUCKETS_S = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-)
-"""Histogram buckets for the duration metrics (semconv advice, 0.5 ms .. 10 s)."""
-
-BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-"""Histogram buckets for ``ampsflow.persister.batch.size``."""
-
-_DROP_WARNING_INTERVAL_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Instruments:
-    """Every metric instrument the daemons record, built once from a meter.
-
-    Attributes (all carry ``messaging.system`` and ``messaging.operation.name``
-    where semantic conventions require it; the caller passes them):
-        consumed: ``messaging.client.consumed.messages`` (``{message}``), once per delivery.
-        sent: ``messaging.client.sent.messages`` (``{message}``), once per publish attempt.
-        process_duration: ``messaging.process.duration`` (``s``), per processed message.
-        operation_duration: ``messaging.client.operation.duration`` (``s``), per send.
-        rejected: ``ampsflow.messages.rejected`` (``{message}``), bad input by ``error.type``.
-        dead_lettered: ``ampsflow.messages.dead_lettered`` (``{message}``).
-        correlation_problems: ``ampsflow.correlation_id.problems`` (``{message}``), by problem.
-        batch_size: ``ampsflow.persister.batch.size`` (``{message}``), lines per group commit.
-        fsync_duration: ``ampsflow.persister.fsync.duration`` (``s``).
-        write_errors: ``ampsflow.persister.write.errors`` (``{error}``), by ``error.type``.
-        reconnects: ``ampsflow.amps.reconnects`` (``{reconnect}``).
-    """
-
-    consumed: Counter
-    sent: Counter
-    process_duration: Histogram
-    operation_duration: Histogram
-    rejected: Counter
-    dead_lettered: Counter
-    correlation_problems: Counter
-    batch_size: Histogram
-    fsync_duration: Histogram
-    write_errors: Counter
-    reconnects: Counter
-
-    @classmethod
-    def from_meter(cls, meter: Meter) -> Instruments:
-        """Create every instrument on ``meter``."""
-        return cls(
-            consumed=meter.create_counter(
-                "messaging.client.consumed.messages",
-                unit="{message}",
-                description="Messages delivered to the application.",
-            ),
-            sent=meter.create_counter(
-                "messaging.client.sent.messages",
-                unit="{message}",
-                description="Messages the producer attempted to send to the broker.",
-            ),
-            process_duration=meter.create_histogram(
-                "messaging.process.duration",
-                unit="s",
-                description="Duration of processing one message.",
-            ),
-            operation_duration=meter.create_histogram(
-                "messaging.client.operation.duration",
-                unit="s",
-                description="Duration of a messaging operation initiated by the client.",
-            ),
-            rejected=meter.create_counter(
-                "ampsflow.messages.rejected",
-                unit="{message}",
-                description="Input messages that could not be processed, by error.type.",
-            ),
-            dead_lettered=meter.create_counter(
-                "ampsflow.messages.dead_lettered",
-                unit="{message}",
-                description="Rejected messages sent to the dead-letter topic.",
-            ),
-            correlation_problems=meter.create_counter(
-                "ampsflow.correlation_id.problems",
-                unit="{message}",
-                description="Messages whose CorrelationId was missing or invalid.",
-            ),
-            batch_size=meter.create_histogram(
-                "ampsflow.persister.batch.size",
-                unit="{message}",
-                description="Lines written per group commit.",
-            ),
-            fsync_duration=meter.create_histogram(
-                "ampsflow.persister.fsync.duration",
-                unit="s",
-                description="Duration of one fdatasync of the JSONL file.",
-            ),
-            write_errors=meter.create_counter(
-                "ampsflow.persister.write.errors",
-                unit="{error}",
-                description="Failed writes or fsyncs of the JSONL file, by error.type.",
-            ),
-            reconnects=meter.create_counter(
-                "ampsflow.amps.reconnects",
-                unit="{reconnect}",
-                description="Connections to AMPS lost and re-established.",
-            ),
-        )
-
-
-class SpanLossCounter:
-    """Counts spans the pipeline lost: queue overflow and failed exports.
-
-    Shared by :class:`_CountingProcessor` and :class:`_CountingExporter`; reports
-    through a counter and a warning log at most every 10 seconds.
-    """
-
-    def __init__(self, max_queue_size: int) -> None:
-        self._lock = threading.Lock()
-        self._max_queue_size = max_queue_size
-        self.ended = 0
-        self.taken = 0
-        self.exported = 0
-        self.dropped_queue_full = 0
-        self.failed_export = 0
-        self._reported = 0
-        self._last_warning = 0.0
-        self._counter: Counter | None = None
-
-    def bind(self, meter: Meter) -> None:
-        """Report losses through ``ampsflow.telemetry.spans.dropped`` on ``meter``."""
-        self._counter = meter.create_counter(
-            "ampsflow.telemetry.spans.dropped",
-            unit="{span}",
-            description="Spans lost before reaching the backend, by reason.",
-        )
-
-    @property
-    def lost(self) -> int:
-        """Spans dropped on a full queue plus spans whose export failed."""
-        return self.dropped_queue_full + self.failed_export
-
-    def on_end(self) -> None:
-        """One span ended and goes into the batch queue."""
-        with self._lock:
-            self.ended += 1
-            if self.ended - self.taken - self.dropped_queue_full > self._max_queue_size:
-                self.dropped_queue_full += 1
-                self._count(1, "queue_full")
-
-    def on_export(self, count: int, ok: bool) -> None:
-        """``count`` spans were handed to the exporter, which succeeded or failed."""
-        with self._lock:
-            if ok:
-                self.exported += count
-            else:
-                self.failed_export += count
-                self._count(count, "export_failed")
-
-    def on_take(self, count: int) -> None:
-        """``count`` spans left the queue for the exporter."""
-        with self._lock:
-            self.taken += count
-
-    def _count(self, count: int, reason: str) -> None:
-        if self._counter is not None:
-            self._counter.add(count, {"reason": reason})
-        now = time.monotonic()
-        if now - self._last_warning >= _DROP_WARNING_INTERVAL_S:
-            self._last_warning = now
-            logger.warning(
-                "telemetry lost %d span(s) so far (%d on a full queue, %d in failed exports)",
-                self.lost,
-                self.dropped_queue_full,
-                self.failed_export,
-            )
-
-
-class _CountingExporter(SpanExporter):
-    """Wraps an exporter and tells the loss counter what became of each batch."""
-
-    def __init__(self, inner: SpanExporter, losses: SpanLossCounter) -> None:
-        self._inner = inner
-        self._losses = losses
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self._losses.on_take(len(spans))
-        try:
-            result = self._inner.export(spans)
-        except Exception:
-            self._losses.on_export(len(spans), ok=False)
-            raise
-        self._losses.on_export(len(spans), ok=result is SpanExportResult.SUCCESS)
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-class _CountingProcessor(SpanProcessor):
-    """Wraps the batch processor and counts every span that ends."""
-
-    def __init__(self, inner: SpanProcessor, losses: SpanLossCounter) -> None:
-        self._inner = inner
-        self._losses = losses
-
-    def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
-        self._inner.on_start(span, parent_context=parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if span.context is not None and span.context.trace_flags.sampled:
-            self._losses.on_end()
-        self._inner.on_end(span)
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
 
 
 @dataclass(slots=True)
@@ -436,7 +189,7 @@ def setup_telemetry(
     losses = SpanLossCounter(max_queue_size)
     exporter = span_exporter if span_exporter is not None else _span_exporter(config, env)
     if exporter is not None:
-        counted = _CountingExporter(exporter, losses)
+        counted = CountingExporter(exporter, losses)
         processor: SpanProcessor
         if simple_processor:
             processor = SimpleSpanProcessor(counted)
@@ -455,7 +208,7 @@ def setup_telemetry(
                     env, "OTEL_BSP_EXPORT_TIMEOUT", config.export_timeout_ms
                 ),
             )
-        tracer_provider.add_span_processor(_CountingProcessor(processor, losses))
+        tracer_provider.add_span_processor(CountingProcessor(processor, losses))
 
     readers: list[MetricReader] = []
     if metric_reader is not None:
@@ -646,107 +399,3 @@ def _metric_exporter(config: TelemetryConfig, env: Mapping[str, str]) -> MetricE
     )
 
     return HttpMetricExporter(endpoint=url, timeout=timeout_s)
-
-
-def context_of(tp: TraceParent) -> Context:
-    """An OpenTelemetry context whose current span is the remote span ``tp``."""
-    span_context = SpanContext(
-        trace_id=tp.trace_id,
-        span_id=tp.span_id,
-        is_remote=True,
-        trace_flags=TraceFlags(tp.flags),
-    )
-    return trace.set_span_in_context(NonRecordingSpan(span_context), Context())
-
-
-def extract_context(header_cid: str | None, payload_cid: str | None) -> tuple[Context, str | None]:
-    """The parent context carried by a message, and why it could not be used.
-
-    The header CorrelationId is preferred; the payload's ``CorrelationId`` field
-    is the fallback (AMPS views drop the header). Never raises.
-
-    Returns:
-        ``(context, problem)``. ``problem`` is ``None`` when a valid context was
-        found (in the header, or in the payload when the header is absent);
-        otherwise a short code for the ``ampsflow.correlation_id.problem`` span
-        attribute: ``missing`` when neither carries one, ``header:<reason>``
-        when the header is invalid (the payload may still have given the
-        context), ``payload:<reason>`` when only an invalid payload value
-        exists. ``reason`` is a :class:`~ampsflow.errors.CorrelationIdError`
-        reason. With no valid value the context is empty: the span becomes a
-        new root.
-    """
-    problem: str | None = None
-    for source, value in (("header", header_cid), ("payload", payload_cid)):
-        if value is None or value == "":
-            continue
-        try:
-            tp = decode_correlation_id(value)
-        except CorrelationIdError as exc:
-            if problem is None:
-                problem = f"{source}:{exc.reason}"
-            continue
-        return context_of(tp), problem
-    return Context(), problem or "missing"
-
-
-def correlation_id_of(span: Span) -> str:
-    """The CorrelationId that makes ``span`` the parent of the next hop."""
-    ctx = span.get_span_context()
-    return encode_correlation_id(
-        TraceParent(version=0, trace_id=ctx.trace_id, span_id=ctx.span_id, flags=ctx.trace_flags)
-    )
-
-
-def record_failure(span: Span, exc: BaseException, error_type: str) -> None:
-    """Mark ``span`` failed: status ERROR, ``error.type`` and an exception event."""
-    span.set_attribute("error.type", error_type)
-    span.record_exception(exc)
-    text = str(exc)
-    description = text if text.startswith(error_type) else f"{error_type}: {text}"
-    span.set_status(Status(StatusCode.ERROR, description))
-
-
-def messaging_attributes(
-    *,
-    destination: str,
-    operation_type: str,
-    operation_name: str,
-    message_id: str | None = None,
-    body_size: int | None = None,
-    bookmark: str | None = None,
-) -> dict[str, AttributeValue]:
-    """The semantic-convention attributes of an AMPS messaging span.
-
-    ``messaging.system``, ``messaging.destination.name``,
-    ``messaging.operation.type`` and ``messaging.operation.name`` always;
-    ``messaging.message.id``, ``messaging.message.body.size`` and
-    ``ampsflow.amps.bookmark`` when given.
-    """
-    attributes: dict[str, AttributeValue] = {
-        "messaging.system": MESSAGING_SYSTEM,
-        "messaging.destination.name": destination,
-        "messaging.operation.type": operation_type,
-        "messaging.operation.name": operation_name,
-    }
-    if message_id:
-        attributes["messaging.message.id"] = message_id
-    if body_size is not None:
-        attributes["messaging.message.body.size"] = body_size
-    if bookmark:
-        attributes[BOOKMARK_ATTRIBUTE] = bookmark
-    return attributes
-
-
-def metric_attributes(
-    destination: str, operation_name: str, error_type: str | None = None
-) -> dict[str, AttributeValue]:
-    """The attributes the messaging metrics carry (semconv required set)."""
-    attributes: dict[str, AttributeValue] = {
-        "messaging.system": MESSAGING_SYSTEM,
-        "messaging.operation.name": operation_name,
-        "messaging.destination.name": destination,
-    }
-    if error_type is not None:
-        attributes["error.type"] = error_type
-    return attributes

@@ -79,16 +79,10 @@ from opentelemetry.trace import Span, SpanKind
 from opentelemetry.util.types import AttributeValue
 
 from ampsflow.adapters.amps import AmpsClient
+from ampsflow.adapters.instruments import messaging_attributes, metric_attributes, record_failure
+from ampsflow.adapters.propagation import PROBLEM_ATTRIBUTE, extract_context
 from ampsflow.adapters.sink import CommitResult, JsonlSink, PendingLine
-from ampsflow.adapters.telemetry import (
-    PROBLEM_ATTRIBUTE,
-    Telemetry,
-    extract_context,
-    failure_span,
-    messaging_attributes,
-    metric_attributes,
-    record_failure,
-)
+from ampsflow.adapters.telemetry import Telemetry, failure_span
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, PersisterConfig
 from ampsflow.core import transform

@@ -61,15 +61,9 @@ from typing import Any
 from opentelemetry.trace import Link, SpanKind, get_current_span
 
 from ampsflow.adapters.amps import AmpsClient
-from ampsflow.adapters.telemetry import (
-    PROBLEM_ATTRIBUTE,
-    Telemetry,
-    correlation_id_of,
-    extract_context,
-    messaging_attributes,
-    metric_attributes,
-    record_failure,
-)
+from ampsflow.adapters.instruments import messaging_attributes, metric_attributes, record_failure
+from ampsflow.adapters.propagation import PROBLEM_ATTRIBUTE, correlation_id_of, extract_context
+from ampsflow.adapters.telemetry import Telemetry
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform

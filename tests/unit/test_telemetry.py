@@ -13,14 +13,9 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, get_current_span
 
-from ampsflow.adapters.telemetry import (
-    correlation_id_of,
-    extract_context,
-    failure_span,
-    messaging_attributes,
-    otlp_endpoint,
-    setup_telemetry,
-)
+from ampsflow.adapters.instruments import messaging_attributes
+from ampsflow.adapters.propagation import correlation_id_of, extract_context
+from ampsflow.adapters.telemetry import failure_span, otlp_endpoint, setup_telemetry
 from ampsflow.config import TelemetryConfig
 from ampsflow.core.codec import decode_correlation_id
 from ampsflow.testing import in_memory_telemetry
