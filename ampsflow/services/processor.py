@@ -44,7 +44,8 @@ once the dead letter is in the publish store, and the daemon carries on. If a
 publish cannot even be stored, it is retried with backoff and the input is not
 discarded, so nothing is lost; the loop carries on once the store accepts it.
 
-A stop (SIGTERM) lets the message in hand finish; if its publish is still
+A stop (SIGTERM) lets the message in hand finish and waits (bounded) for the
+broker to acknowledge the stored publishes; if a publish or that flush is still
 blocked in the client after :data:`DRAIN_TIMEOUT_S` (or at a second SIGTERM),
 the connection is closed under it and the message is redone at the next start.
 """
@@ -83,10 +84,10 @@ SEND_SPAN = "send-message"
 """Name of the PRODUCER span around each publish (output or dead letter)."""
 
 DRAIN_TIMEOUT_S = 15.0
-"""How long a stop waits for the message in hand (its publish may be stuck in the
-client, e.g. re-sent to a broker that refuses it) before the AMPS connection is
-closed under it; a second SIGTERM closes it at once. Leaves time for telemetry
-under the unit's ``TimeoutStopSec=30``."""
+"""How long a stop waits for the drain (the message in hand, then the flush of the
+publish store; either may be stuck in the client, e.g. re-sending a frame the
+broker refuses) before the AMPS connection is closed under it; a second SIGTERM
+closes it at once. Leaves time for telemetry under the unit's ``TimeoutStopSec=30``."""
 
 _POLL_S = 0.2
 _PUBLISH_RETRY = BackoffPolicy(initial_s=0.1, max_s=5.0)
@@ -363,30 +364,30 @@ def run(config: Config, args: argparse.Namespace) -> int:
                 f"processing {section.input_topic} -> {section.output_topic} as {client.name}"
             )
             processor = Processor(section, telemetry, client, client, daemon.stop, daemon=daemon)
-            loop_done = threading.Event()
+            drained = threading.Event()
             guard = threading.Thread(
                 target=_close_when_stuck,
-                args=(daemon, client, loop_done, DRAIN_TIMEOUT_S),
+                args=(daemon, client, drained, DRAIN_TIMEOUT_S),
                 name="drain-deadline",
                 daemon=True,
             )
             guard.start()
             try:
                 processor.run(daemon)
-            finally:
-                loop_done.set()
-            logger.info(
-                "draining: %d processed, %d rejected; %d publish(es) awaiting the broker",
-                processor.processed,
-                processor.rejected,
-                client.unpersisted(),
-            )
-            if not daemon.force.is_set() and not client.flush(config.amps.command_timeout_s):
-                logger.warning(
-                    "%d publish(es) not yet acknowledged; they stay in the publish store "
-                    "and are re-sent at the next start",
+                logger.info(
+                    "draining: %d processed, %d rejected; %d publish(es) awaiting the broker",
+                    processor.processed,
+                    processor.rejected,
                     client.unpersisted(),
                 )
+                if not daemon.force.is_set() and not client.flush(config.amps.command_timeout_s):
+                    logger.warning(
+                        "%d publish(es) not yet acknowledged; they stay in the publish store "
+                        "and are re-sent at the next start",
+                        client.unpersisted(),
+                    )
+            finally:
+                drained.set()
         finally:
             client.close()
 
@@ -396,23 +397,23 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _close_when_stuck(
-    daemon: Daemon, client: AmpsClient, loop_done: threading.Event, timeout_s: float
+    daemon: Daemon, client: AmpsClient, drained: threading.Event, timeout_s: float
 ) -> None:
-    """After a stop, close ``client`` if the loop has not returned within ``timeout_s``.
+    """After a stop, close ``client`` if the drain has not finished within ``timeout_s``.
 
-    A publish blocks inside the AMPS client while it reconnects; if every
-    reconnect fails (a broker that drops the connection on each re-send of a
-    frame it refuses), it would block forever and SIGTERM would be ignored.
-    Closing the client makes the publish return; the message in hand stays
-    undiscarded (or its output stays in the publish store) and is redone at
-    the next start.
+    A publish (and the drain's flush) blocks inside the AMPS client while it
+    reconnects; if every reconnect fails (a broker that drops the connection on
+    each re-send of a frame it refuses), it would block forever and SIGTERM
+    would be ignored. Closing the client makes the call return; the message in
+    hand stays undiscarded (or its output stays in the publish store) and is
+    redone at the next start.
     """
     daemon.stop.wait()
     deadline = time.monotonic() + timeout_s
-    while not loop_done.wait(_POLL_S):
+    while not drained.wait(_POLL_S):
         if daemon.force.is_set() or time.monotonic() >= deadline:
             logger.error(
-                "%s and the message in hand is not finished (its publish is blocked; %d "
+                "%s and the drain is not finished (a publish or the flush is blocked; %d "
                 "awaiting the broker): closing the AMPS connection",
                 "second stop signal" if daemon.force.is_set() else f"{timeout_s:.0f}s since stop",
                 client.unpersisted(),
