@@ -12,7 +12,9 @@ DIR/logs/<service>.log     each service's log (its stderr)
 
 Each child gets its own ``NOTIFY_SOCKET``, so readiness is the same
 ``READY=1`` that systemd waits for; the devbroker and the marker are also
-probed on their ports. Ctrl-C (SIGINT) or SIGTERM stops the children in
+probed on their ports. A thread reads every notify socket for the children's
+whole life, as systemd does, so a child reporting many ``STATUS=`` lines never
+blocks in sd_notify. Ctrl-C (SIGINT) or SIGTERM stops the children in
 reverse order (marker, persister, processor, devbroker): SIGTERM, a grace
 period, then SIGKILL. If a child exits on its own, the demo names it, stops
 the rest and exits non-zero.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -32,7 +35,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -50,6 +54,9 @@ STOP_GRACE_S = 15.0
 """How long a child may take to exit after SIGTERM before it is killed."""
 
 POLL_INTERVAL_S = 0.1
+
+NOTIFY_LINES_KEPT = 200
+"""sd_notify lines kept per child (the latest), so a long run stays bounded."""
 
 SERVICES = ("devbroker", "processor", "persister", "marker")
 """Start order; stop order is the reverse."""
@@ -163,15 +170,18 @@ class Child:
     log_path: Path
     notify: socket.socket
     is_ready: bool = False
-    messages: list[str] = field(default_factory=list)
+    messages: deque[str] = field(default_factory=lambda: deque(maxlen=NOTIFY_LINES_KEPT))
+    """The last :data:`NOTIFY_LINES_KEPT` sd_notify lines."""
 
     def read_notifications(self) -> None:
         """Collect pending sd_notify datagrams; READY=1 marks the child ready."""
         while True:
             try:
                 data = self.notify.recv(4096)
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 return
+            except OSError:
+                return  # closed while stopping
             for line in data.decode("utf-8", "replace").splitlines():
                 self.messages.append(line)
                 if line == "READY=1":
@@ -181,13 +191,40 @@ class Child:
 class Demo:
     """The running children, started and stopped in order."""
 
-    def __init__(self, directory: Path, config_path: Path, out: IO[str]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config_path: Path,
+        out: IO[str],
+        *,
+        command: Sequence[str] = (sys.executable, "-m", "ampsflow"),
+    ) -> None:
         self.directory = directory
         self.config_path = config_path
         self.out = out
+        self.command = tuple(command)
         self.children: list[Child] = []
         self.sockets_dir = Path(tempfile.mkdtemp(prefix="ampsflow-demo-"))
         self.stop_requested = threading.Event()
+        # The notify sockets are read for the children's whole life, not only
+        # until they are ready: a datagram socket's queue is short (10 by
+        # default), and a child whose queue is full blocks inside sd_notify.
+        self._selector = selectors.DefaultSelector()
+        self._closing = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read_notifications, name="notify-reader", daemon=True
+        )
+        self._reader.start()
+
+    def _read_notifications(self) -> None:
+        while not self._closing.is_set():
+            try:
+                events = self._selector.select(timeout=POLL_INTERVAL_S)
+            except (OSError, ValueError):
+                return
+            for key, _ in events:
+                child: Child = key.data
+                child.read_notifications()
 
     def start(self, name: str) -> Child:
         """Start service ``name`` with its own log file and notify socket."""
@@ -199,7 +236,7 @@ class Demo:
         env = child_environment(os.environ, notify_path)
         with log_path.open("ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "ampsflow", name, "--config", str(self.config_path)],
+                [*self.command, name, "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -210,6 +247,7 @@ class Demo:
             )
         child = Child(name, process, log_path, notify)
         self.children.append(child)
+        self._selector.register(notify, selectors.EVENT_READ, child)
         return child
 
     def exited(self) -> Child | None:
@@ -227,7 +265,6 @@ class Demo:
         """
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not self.stop_requested.is_set():
-            child.read_notifications()
             if ready(child):
                 return
             dead = self.exited()
@@ -256,6 +293,10 @@ class Demo:
                     )
                     child.process.kill()
                     child.process.wait()
+        self._closing.set()
+        self._reader.join()
+        self._selector.close()
+        for child in self.children:
             child.notify.close()
         with contextlib.suppress(OSError):
             for path in self.sockets_dir.iterdir():
