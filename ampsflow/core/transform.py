@@ -113,6 +113,15 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant,
+    parse_float=_parse_float,
+    parse_int=_parse_int,
+    object_pairs_hook=_object,
+)
+"""One decoder for every body (``json.loads`` with hooks would build one per call)."""
+
+
 def _quote(text: str) -> str:
     """``repr`` of ``text``, cut to a readable length (details and logs stay small)."""
     if len(text) > _MAX_QUOTED:
@@ -145,13 +154,7 @@ def parse_body(body: bytes | str, *, max_bytes: int) -> dict[str, Any]:
     else:
         text = body
     try:
-        value = json.loads(
-            text,
-            parse_constant=_reject_constant,
-            parse_float=_parse_float,
-            parse_int=_parse_int,
-            object_pairs_hook=_object,
-        )
+        value = _DECODER.decode(text)
     except BadMessageError:
         raise
     except json.JSONDecodeError as exc:
