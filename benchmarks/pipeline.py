@@ -33,8 +33,8 @@ divided by the messages of that phase.
 
 Nothing may be lost: each mode checks that every published id is in the JSONL
 exactly once, and, with tracing on, counts the spans the receiver got against the
-spans expected (``process-message`` and ``send-message`` per sampled message in the
-processor, ``persist-message`` in the persister). Metric export is off in every mode
+spans expected (``process-message`` per sampled message in the processor,
+``persist-message`` in the persister). Metric export is off in every mode
 (``OTEL_METRICS_EXPORTER=none``) so that the comparison isolates tracing.
 
 ``--tap`` adds a subscriber to ``internal`` and ``external`` (its own process) so the

@@ -6,14 +6,18 @@ Per message (:meth:`Processor.handle`):
 2. The parent context comes from the CorrelationId header, else the payload's
    ``CorrelationId`` field; a missing or invalid one starts a new trace and
    the reason is recorded as ``ampsflow.correlation_id.problem``.
-3. A CONSUMER span ``process-message`` (child of that context, and linked to
-   it) carries the messaging attributes, with ``messaging.message.id`` and
-   ``ampsflow.amps.bookmark`` set to the AMPS bookmark.
+3. A CONSUMER span ``process-message`` (child of that context) carries the
+   messaging attributes, with ``messaging.message.id`` and
+   ``ampsflow.amps.bookmark`` set to the AMPS bookmark. It is the message's
+   only span in this daemon.
 4. The output is the input object plus ``"processed": true`` and, per
    ``carrier``, a new CorrelationId in the header and/or the payload. That
    CorrelationId encodes the **process-message** span, so the persister's
    ``persist-message`` is its child, as the design's span table requires. The
-   publish itself is a child PRODUCER span ``send-message``.
+   publish is told on that span: ``ampsflow.amps.sequence`` once the output
+   (or dead letter) is in the publish store; a publish that cannot be stored
+   makes the span ERROR (``error.type=publish_failed``, the exception, and
+   ``ampsflow.amps.publish_attempts``).
 5. The input is discarded from the bookmark store only once the output is in
    the durable publish store, so a restart resumes after the last message
    finished and never skips one. Delivery into ``output_topic`` is therefore
@@ -39,7 +43,10 @@ marked ERROR with ``error.type`` and an exception event, it is counted
 preview of the body, and a JSON envelope goes to ``dead_letter_topic`` (see
 :func:`ampsflow.core.transform.dead_letter_body`; it fits
 ``max_message_bytes``, the body cut short if need be), whose CorrelationId
-(header and envelope) is that of the failed span. The input is discarded only
+(header and envelope) is that of the failed span. When the message's trace was
+not sampled, the failure still gets an ERROR span: a new, sampled trace linked
+to the message's context, with its trace id as ``ampsflow.original_trace_id``
+(:func:`ampsflow.adapters.telemetry.failure_span`). The input is discarded only
 once the dead letter is in the publish store, and the daemon carries on. If a
 publish cannot even be stored, it is retried with backoff and the input is not
 discarded, so nothing is lost; the loop carries on once the store accepts it.
@@ -56,15 +63,18 @@ import argparse
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.trace import Link, SpanKind, get_current_span
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.util.types import AttributeValue
 
 from ampsflow.adapters.amps import AmpsClient
 from ampsflow.adapters.instruments import messaging_attributes, metric_attributes, record_failure
 from ampsflow.adapters.propagation import PROBLEM_ATTRIBUTE, correlation_id_of, extract_context
-from ampsflow.adapters.telemetry import Telemetry
+from ampsflow.adapters.telemetry import Telemetry, failure_span
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform
@@ -80,9 +90,6 @@ REDELIVERED_ATTRIBUTE = "ampsflow.amps.redelivered"
 PROCESS_SPAN = "process-message"
 """Name of the CONSUMER span around each message."""
 
-SEND_SPAN = "send-message"
-"""Name of the PRODUCER span around each publish (output or dead letter)."""
-
 DRAIN_TIMEOUT_S = 15.0
 """How long a stop waits for the drain (the message in hand, then the flush of the
 publish store; either may be stuck in the client, e.g. re-sending a frame the
@@ -92,6 +99,41 @@ closes it at once. Leaves time for telemetry under the unit's ``TimeoutStopSec=3
 _POLL_S = 0.2
 _PUBLISH_RETRY = BackoffPolicy(initial_s=0.1, max_s=5.0)
 _MAX_PREVIEW = 200
+
+
+@dataclass(slots=True)
+class _Trace:
+    """The tracing of one message: its span, and the one its failure is recorded on."""
+
+    tracer: Tracer
+    span: Span
+    parent: Context
+    attributes: dict[str, AttributeValue]
+    failed: Span | None = None
+
+    def fail(self, exc: BaseException, error_type: str) -> Span:
+        """Record a failure; on a new sampled span when ``span`` is not sampled."""
+        if self.failed is None:
+            self.failed = failure_span(
+                self.tracer,
+                self.span,
+                PROCESS_SPAN,
+                kind=SpanKind.CONSUMER,
+                attributes=self.attributes,
+                parent=self.parent,
+            )
+        record_failure(self.failed, exc, error_type)
+        return self.failed
+
+    @property
+    def current(self) -> Span:
+        """The span that tells this message's story (the failure span, if any)."""
+        return self.failed if self.failed is not None else self.span
+
+    def end(self) -> None:
+        """End the failure span if it is a span of its own (``span`` ends with its block)."""
+        if self.failed is not None and self.failed is not self.span:
+            self.failed.end()
 
 
 class Processor:
@@ -175,8 +217,6 @@ class Processor:
             error = self._internal_error(message, exc)
         payload_cid = transform.payload_correlation_id(parsed) if parsed is not None else None
         parent, problem = extract_context(message.correlation_id, payload_cid)
-        parent_span_context = get_current_span(parent).get_span_context()
-        links = [Link(parent_span_context)] if parent_span_context.is_valid else []
         attributes = messaging_attributes(
             destination=message.topic or self._config.input_topic,
             operation_type="process",
@@ -185,6 +225,10 @@ class Processor:
             body_size=len(message.body),
             bookmark=message.bookmark,
         )
+        if problem is not None:
+            attributes[PROBLEM_ATTRIBUTE] = problem
+        if message.redelivered:
+            attributes[REDELIVERED_ATTRIBUTE] = True
         metric_attrs = metric_attributes(self._config.input_topic, "process")
         self._instruments.consumed.add(1, metric_attrs)
         finished = False
@@ -193,46 +237,49 @@ class Processor:
             context=parent,
             kind=SpanKind.CONSUMER,
             attributes=attributes,
-            links=links,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            if message.redelivered:
-                span.set_attribute(REDELIVERED_ATTRIBUTE, True)
+            traced = _Trace(self._tracer, span, parent, attributes)
             if problem is not None:
-                span.set_attribute(PROBLEM_ATTRIBUTE, problem)
                 self._instruments.correlation_problems.add(1, {"problem": problem})
                 (logger.debug if problem == "missing" else logger.warning)(
                     "message %s: CorrelationId unusable (%s); starting a new trace",
                     message.bookmark,
                     problem,
                 )
-            cid = correlation_id_of(span)
-            if error is None and parsed is not None:
-                try:
-                    output = transform.render_output(
-                        parsed,
-                        correlation_id=cid,
-                        carrier=self._config.carrier,
-                        max_bytes=transform.publish_budget(
-                            self._config.max_message_bytes, self._config.output_topic
-                        ),
-                    )
-                    finished = self._publish(
-                        self._config.output_topic, output.body, output.header_correlation_id
-                    )
-                except BadMessageError as exc:
-                    error = exc
-                except Exception as exc:
-                    error = self._internal_error(message, exc)
-                else:
-                    if finished:
-                        self.processed += 1
-            if error is not None:
-                record_failure(span, error, error.error_type)
-                finished = self._reject(message, error, cid)
-            if finished:
-                self._source.discard(message)
+            try:
+                cid = correlation_id_of(span)
+                if error is None and parsed is not None:
+                    try:
+                        output = transform.render_output(
+                            parsed,
+                            correlation_id=cid,
+                            carrier=self._config.carrier,
+                            max_bytes=transform.publish_budget(
+                                self._config.max_message_bytes, self._config.output_topic
+                            ),
+                        )
+                        finished = self._publish(
+                            self._config.output_topic,
+                            output.body,
+                            output.header_correlation_id,
+                            traced,
+                        )
+                    except BadMessageError as exc:
+                        error = exc
+                    except Exception as exc:
+                        error = self._internal_error(message, exc)
+                    else:
+                        if finished:
+                            self.processed += 1
+                if error is not None:
+                    failed = traced.fail(error, error.error_type)
+                    finished = self._reject(message, error, correlation_id_of(failed), traced)
+                if finished:
+                    self._source.discard(message)
+            finally:
+                traced.end()
         elapsed = time.perf_counter() - started
         duration_attrs = (
             metric_attrs
@@ -253,7 +300,7 @@ class Processor:
         error.__cause__ = exc
         return error
 
-    def _reject(self, message: Received, error: BadMessageError, cid: str) -> bool:
+    def _reject(self, message: Received, error: BadMessageError, cid: str, traced: _Trace) -> bool:
         self.rejected += 1
         self._instruments.rejected.add(1, {"error.type": error.error_type})
         preview = message.body[:_MAX_PREVIEW].decode("utf-8", "backslashreplace")
@@ -276,48 +323,46 @@ class Processor:
             correlation_id=cid,
             max_bytes=transform.publish_budget(self._config.max_message_bytes, topic),
         )
-        if not self._publish(topic, envelope, cid):
+        traced.current.set_attribute("ampsflow.dead_letter.topic", topic)
+        if not self._publish(topic, envelope, cid, traced):
             return False
         self._instruments.dead_lettered.add(1, {"error.type": error.error_type})
         return True
 
-    def _publish(self, topic: str, body: bytes, correlation_id: str | None) -> bool:
-        """Publish into the durable store, retrying until stored or stopped."""
+    def _publish(self, topic: str, body: bytes, correlation_id: str | None, traced: _Trace) -> bool:
+        """Publish into the durable store, retrying until stored or stopped.
+
+        The outcome goes on the message's span: the store's sequence number,
+        or (first failure) ERROR with ``publish_failed`` and the attempt count.
+        """
         backoff: Backoff | None = None
         attempt = 0
+        send_attrs = metric_attributes(topic, "send")
         while True:
             attempt += 1
             started = time.perf_counter()
-            with self._tracer.start_as_current_span(
-                SEND_SPAN,
-                kind=SpanKind.PRODUCER,
-                attributes=messaging_attributes(
-                    destination=topic,
-                    operation_type="send",
-                    operation_name="send",
-                    body_size=len(body),
-                ),
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
-                self._instruments.sent.add(1, metric_attributes(topic, "send"))
-                failure: AmpsError | None = None
-                try:
-                    sequence = self._sink.publish(topic, body, correlation_id)
-                except AmpsError as exc:
-                    failure = exc
-                    record_failure(span, exc, "publish_failed")
-                if failure is None:
-                    if sequence:
-                        span.set_attribute("ampsflow.amps.sequence", sequence)
-                    self._instruments.operation_duration.record(
-                        time.perf_counter() - started, metric_attributes(topic, "send")
-                    )
-                    return True
+            self._instruments.sent.add(1, send_attrs)
+            try:
+                sequence = self._sink.publish(topic, body, correlation_id)
+            except AmpsError as exc:
+                failure = exc
+            else:
+                span = traced.current
+                if sequence:
+                    span.set_attribute("ampsflow.amps.sequence", sequence)
+                if attempt > 1:
+                    span.set_attribute("ampsflow.amps.publish_attempts", attempt)
                 self._instruments.operation_duration.record(
-                    time.perf_counter() - started,
-                    metric_attributes(topic, "send", "publish_failed"),
+                    time.perf_counter() - started, send_attrs
                 )
+                return True
+            self._instruments.operation_duration.record(
+                time.perf_counter() - started,
+                metric_attributes(topic, "send", "publish_failed"),
+            )
+            if attempt == 1:
+                traced.fail(failure, "publish_failed")
+            traced.current.set_attribute("ampsflow.amps.publish_attempts", attempt)
             backoff = backoff or Backoff(_PUBLISH_RETRY)
             delay = backoff.next_delay()
             logger.error(

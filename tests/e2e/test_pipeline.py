@@ -22,6 +22,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from opentelemetry.trace import SpanKind, Tracer
 
 from ampsflow.core.codec import TraceParent, encode_correlation_id
@@ -53,8 +54,11 @@ class Sent:
 class MarkerStandIn:
     """Publishes like the marker page: one root PRODUCER span per message."""
 
-    def __init__(self, uri: str, endpoint: str) -> None:
-        self.provider = TracerProvider(resource=Resource.create({"service.name": MARKER_SERVICE}))
+    def __init__(self, uri: str, endpoint: str, *, sampled: bool = True) -> None:
+        self.provider = TracerProvider(
+            resource=Resource.create({"service.name": MARKER_SERVICE}),
+            sampler=ALWAYS_ON if sampled else ALWAYS_OFF,
+        )
         self.provider.add_span_processor(
             BatchSpanProcessor(
                 OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"),
@@ -142,9 +146,7 @@ def chains(phoenix: Phoenix, sent: list[Sent]) -> dict[str, list[StoredSpan]]:
     traces = {s.trace_id for s in sent}
 
     def complete(spans: list[StoredSpan]) -> bool:
-        names = Counter(
-            (s.trace_id, s.name) for s in spans if s.trace_id in traces and s.name != "send-message"
-        )
+        names = Counter((s.trace_id, s.name) for s in spans if s.trace_id in traces)
         return all(
             names[(t, n)] >= 1
             for t in traces
@@ -207,19 +209,20 @@ class TestPipeline:
         lines = {line["id"]: line for line in pipeline.lines() if "id" in line}
         by_trace = chains(phoenix, sent)
         problems = [p for s in sent for p in chain_problems(s, by_trace[s.trace_id])]
-        counts = Counter(
-            s.name for spans in by_trace.values() for s in spans if s.name != "publish-message"
-        )
+        counts = Counter(s.name for spans in by_trace.values() for s in spans)
         persisted_span_ids = {
             s.span_id for spans in by_trace.values() for s in spans if s.name == "persist-message"
         }
-        assert (1000, 1000, {True}, [], 1000, 1000, True) == (
+        # One exported span per message per hop, nothing else.
+        assert (1000, 1000, {True}, [], 1000, 1000, 1000, 3000, True) == (
             len(ids),
             len(set(ids)),
             {lines[s.id]["processed"] for s in sent},
             problems[:5],
+            counts["publish-message"],
             counts["process-message"],
             counts["persist-message"],
+            counts.total(),
             {lines[s.id]["_ampsflow"]["span_id"] for s in sent} <= persisted_span_ids,
         )
 
@@ -299,3 +302,74 @@ class TestPipeline:
         # A killed daemon loses the spans still queued in it, so only the
         # messages are checked here; the traces are checked after SIGTERM.
         assert (len(ids), len(set(ids))) == (300, 300)
+
+
+def test_at_sampler_ratio_zero_only_failures_leave_spans(
+    processes: Processes, phoenix: Phoenix, tmp_path: Path
+) -> None:
+    """Nothing sampled: a bad body still leaves an ERROR span in Phoenix, a good message none.
+
+    The bad body sent to ``internal`` fails in the processor (dead letter), the
+    one sent straight to ``external`` fails in the persister (kept raw). Each
+    failure span starts its own sampled trace and names the original trace.
+    """
+    broker = processes.devbroker()
+    config = write_config(
+        tmp_path / "ampsflow.yaml",
+        pipeline_config(
+            tmp_path,
+            broker,
+            otlp_endpoint=phoenix.endpoint,
+            overrides={"telemetry": {"sampler_ratio": 0.0}},
+        ),
+    )
+    persister = processes.service("persister", config)
+    processor = processes.service("processor", config)
+    marker = MarkerStandIn(broker.uri, phoenix.endpoint, sampled=False)
+    pipeline = Pipeline(broker, processor, persister, tmp_path / "messages.jsonl", marker)
+    try:
+        good = [marker.publish(n) for n in range(5)]
+        marker.client.publish_flush(30_000)
+        wait_persisted(pipeline, good)
+        bad_processor = marker.publish(5, body="{this is not json")
+        with marker.tracer.start_as_current_span("publish-message") as span:
+            ctx = span.get_span_context()
+            cid = encode_correlation_id(TraceParent(0, ctx.trace_id, ctx.span_id, 0))
+            marker.client.publish("external", "[1, 2]", correlation_id=cid)
+        bad_persister = format(ctx.trace_id, "032x")
+        marker.client.publish_flush(30_000)
+        wait_for(
+            lambda: any(line.get("_ampsflow", {}).get("error") for line in pipeline.lines()),
+            timeout_s=SETTLE_S,
+            what="the raw line of the bad body",
+        )
+        # A stop flushes every queued span through the tap before the daemon exits.
+        assert (processor.terminate(), persister.terminate()) == (0, 0)
+        originals = {bad_processor.trace_id: "processor", bad_persister: "persister"}
+
+        def failures(spans: list[StoredSpan]) -> list[StoredSpan]:
+            return [s for s in spans if s.attributes.get("ampsflow.original_trace_id") in originals]
+
+        spans = phoenix.wait_for_spans(
+            lambda s: len(failures(s)) == 2, timeout_s=SETTLE_S, what="both failure spans"
+        )
+    finally:
+        marker.close()
+    found = sorted(
+        (
+            s.service,
+            s.name,
+            s.status,
+            s.attributes.get("error.type"),
+            originals[s.attributes["ampsflow.original_trace_id"]],
+            s.trace_id in originals,
+        )
+        for s in failures(spans)
+    )
+    assert found == [
+        ("persister", "persist-message", "ERROR", "not_an_object", "persister", False),
+        ("processor", "process-message", "ERROR", "invalid_json", "processor", False),
+    ]
+    good_traces = {s.trace_id for s in good}
+    assert [s for s in spans if s.trace_id in good_traces] == []
+    assert [s for s in spans if s.attributes.get("ampsflow.original_trace_id") in good_traces] == []

@@ -11,10 +11,10 @@ import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 from ampsflow.adapters.systemd import Notifier
-from ampsflow.config import ProcessorConfig
+from ampsflow.config import ProcessorConfig, TelemetryConfig
 from ampsflow.core.codec import decode_correlation_id
 from ampsflow.service import Daemon
-from ampsflow.services.processor import PROCESS_SPAN, SEND_SPAN, Processor
+from ampsflow.services.processor import PROCESS_SPAN, Processor
 from ampsflow.testing import FakeAmps, InMemoryTelemetry, in_memory_telemetry
 
 CID = "004bf92f3577b34da6a3ce929d0e0e473600f067aa0ba902b701"
@@ -89,15 +89,18 @@ class TestGoodMessage:
         decoded = decode_correlation_id(out.correlation_id or "")
         assert (span.context.trace_id, span.context.span_id) == (decoded.trace_id, decoded.span_id)
 
-    def test_send_span_is_producer_child(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
-        """The publish is a PRODUCER child span send-message on the output topic."""
+    def test_one_span_per_message_tells_the_publish(
+        self, memory: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """process-message is the only span; it carries the publish store's sequence, no link."""
         handle(make(memory, amps), amps, "{}", correlation_id=CID)
-        (process,) = memory.span_named(PROCESS_SPAN)
-        (send,) = memory.span_named(SEND_SPAN)
-        assert (process.context.span_id, SpanKind.PRODUCER, "external") == (
-            send.parent.span_id if send.parent else None,
-            send.kind,
-            send.attributes["messaging.destination.name"] if send.attributes else None,
+        (span,) = memory.exporter.get_finished_spans()
+        attributes = span.attributes or {}
+        assert (span.name, span.kind, attributes["ampsflow.amps.sequence"], span.links) == (
+            PROCESS_SPAN,
+            SpanKind.CONSUMER,
+            1,
+            (),
         )
 
     def test_process_span_attributes(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
@@ -112,6 +115,7 @@ class TestGoodMessage:
             "messaging.message.id": "1|1|",
             "messaging.message.body.size": 7,
             "ampsflow.amps.bookmark": "1|1|",
+            "ampsflow.amps.sequence": 1,
         }
         assert expected == dict(span.attributes or {})
 
@@ -316,12 +320,16 @@ class TestPublishFailure:
         """A publish that cannot be stored is retried, then the input is discarded."""
         amps.fail_publish.append("store full")
         assert handle(make(memory, amps), amps, "{}")
-        sends = memory.span_named(SEND_SPAN)
+        (span,) = memory.exporter.get_finished_spans()
+        attributes = span.attributes or {}
         assert (
-            [s.status.status_code for s in sends],
+            span.status.status_code,
+            attributes["error.type"],
+            attributes["ampsflow.amps.publish_attempts"],
+            attributes["ampsflow.amps.sequence"],
             len(amps.on_topic("external")),
             len(amps.discarded),
-        ) == ([StatusCode.ERROR, StatusCode.UNSET], 1, 1)
+        ) == (StatusCode.ERROR, "publish_failed", 2, 1, 1, 1)
 
     def test_not_discarded_when_stopping(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
         """Stopping while a publish fails leaves the input undiscarded (redelivered later)."""
@@ -354,3 +362,67 @@ class RecordingNotifier(Notifier):
 
     def _send(self, message: str) -> None:
         self.sent.append(message)
+
+
+UNSAMPLED_CID = "004bf92f3577b34da6a3ce929d0e0e473600f067aa0ba902b700"
+
+
+class TestFailuresAlwaysTraced:
+    """At sampler ratio 0 (and an unsampled parent) only failures leave spans."""
+
+    @pytest.fixture
+    def unsampled(self) -> Iterator[InMemoryTelemetry]:
+        memory = in_memory_telemetry(
+            "processor", TelemetryConfig(exporter="none", sampler_ratio=0.0)
+        )
+        yield memory
+        memory.telemetry.shutdown()
+
+    def test_a_good_unsampled_message_leaves_no_span(
+        self, unsampled: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        assert handle(make(unsampled, amps), amps, "{}", correlation_id=UNSAMPLED_CID)
+        assert handle(make(unsampled, amps), amps, "{}")
+        assert unsampled.exporter.get_finished_spans() == ()
+
+    def test_a_bad_body_leaves_an_error_span_in_a_new_trace(
+        self, unsampled: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """New sampled trace linked to the message's context; the dead letter continues it."""
+        assert handle(make(unsampled, amps), amps, "not json", correlation_id=UNSAMPLED_CID)
+        (span,) = unsampled.exporter.get_finished_spans()
+        attributes = span.attributes or {}
+        assert (span.name, span.status.status_code, span.parent) == (
+            PROCESS_SPAN,
+            StatusCode.ERROR,
+            None,
+        )
+        assert span.context.trace_flags.sampled
+        assert span.context.trace_id != TRACE
+        assert [(link.context.trace_id, link.context.span_id) for link in span.links] == [
+            (TRACE, SPAN)
+        ]
+        assert (
+            attributes["ampsflow.original_trace_id"],
+            attributes["messaging.message.id"],
+            attributes["error.type"],
+            attributes["ampsflow.dead_letter.topic"],
+        ) == (format(TRACE, "032x"), "1|1|", "invalid_json", "internal.dlq")
+        (letter,) = amps.on_topic("internal.dlq")
+        decoded = decode_correlation_id(letter.correlation_id or "")
+        assert (decoded.trace_id, decoded.span_id) == (span.context.trace_id, span.context.span_id)
+
+    def test_a_publish_that_cannot_be_stored_leaves_an_error_span(
+        self, unsampled: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        """The output still continues the original trace; the failure is traced on its own."""
+        amps.fail_publish.append("store full")
+        assert handle(make(unsampled, amps), amps, "{}", correlation_id=UNSAMPLED_CID)
+        (span,) = unsampled.exporter.get_finished_spans()
+        attributes = span.attributes or {}
+        assert (attributes["error.type"], attributes["ampsflow.amps.publish_attempts"]) == (
+            "publish_failed",
+            2,
+        )
+        (out,) = amps.on_topic("external")
+        assert decode_correlation_id(out.correlation_id or "").trace_id == TRACE
