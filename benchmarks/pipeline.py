@@ -45,6 +45,10 @@ broker hop, persister. It adds two deliveries per message to the broker's work.
 holding the GIL, i.e. Python CPU) of the three daemons during each throughput phase:
 collapsed stacks in DIR, and a summary of the functions with the largest share.
 
+``--modes naive`` (and ``naive-off``) run ``naive.py``, the seed's naive design
+(one SDK span per message through ``BatchSpanProcessor`` and ``OTLPSpanExporter``,
+``json``, one fsync per line, none of ampsflow's guarantees), as the baseline.
+
 Usage (from the repository root)::
 
     python benchmarks/pipeline.py [--messages 50000] [--rates 1000,5000]
@@ -107,13 +111,42 @@ class Mode:
     exporter: str
     sampler_ratio: float
     label: str
+    naive: bool = False
+    """Run ``naive.py`` (the seed's naive design) instead of the daemons."""
 
 
 MODES = {
     "off": Mode("off", "none", 0.0, "tracing off"),
     "100": Mode("100", "otlp", 1.0, "sampling 100%"),
     "10": Mode("10", "otlp", 0.1, "sampling 10%"),
+    "naive": Mode("naive", "otlp", 1.0, "naive design, sampling 100%", naive=True),
+    "naive-off": Mode("naive-off", "none", 0.0, "naive design, tracing off", naive=True),
 }
+
+
+class NaiveDaemon(Daemon):
+    """``benchmarks/naive.py`` run like a daemon (ready at ``READY=1``, SIGTERM stops it)."""
+
+    def start(self, timeout_s: float = 60.0, *, wait: bool = True) -> Daemon:
+        assert not self.running, f"{self.name} is already running"
+        self.notify.clear()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(REPO / "benchmarks" / "naive.py"), *self.argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO,
+            )
+
+        def ready() -> bool:
+            if not self.running:
+                raise AssertionError(f"{self.name} exited while starting:\n{self.log_tail()}")
+            return bool(self.notify.values("READY"))
+
+        if wait:
+            wait_for(ready, timeout_s=timeout_s, what=f"{self.name} to become ready")
+        return self
 
 
 @dataclass
@@ -443,8 +476,30 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
         for section, values in args.set.items():
             config.setdefault(section, {}).update(values)
         config_path = write_config(root / "ampsflow.yaml", config)
-        persister = group.service("persister", config_path)
-        processor = group.service("processor", config_path)
+        persister: Daemon
+        processor: Daemon
+        if mode.naive:
+            common = [
+                "--uri",
+                broker.uri,
+                "--endpoint",
+                sink.endpoint,
+                "--exporter",
+                mode.exporter,
+                "--sampler-ratio",
+                str(mode.sampler_ratio),
+            ]
+            persister = NaiveDaemon(
+                "persister",
+                ["persister", *common, "--path", config["persister"]["path"]],
+                root / "persister.log",
+            ).start()
+            processor = NaiveDaemon("processor", ["processor", *common], root / "processor.log")
+            processor.start()
+            group._daemons += [persister, processor]  # stopped with the group
+        else:
+            persister = group.service("persister", config_path)
+            processor = group.service("processor", config_path)
         daemons: dict[str, Daemon] = {
             "devbroker": broker,
             "processor": processor,
