@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--pid-file", type=Path, metavar="FILE", help="pid file to hold while daemonized"
         )
+        if name == "processor":
+            p.add_argument(
+                "--instance",
+                type=_instance,
+                metavar="NAME",
+                help="run as queue-mode instance NAME: own client name and state directory",
+            )
 
     p = command("marker", "Run the marker web server (page, /config.json, OTLP and AMPS proxies).")
     p.add_argument("--listen", type=_host_port, metavar="HOST:PORT", help="address to serve on")
@@ -147,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not check publish order (several processors sharing a queue)",
     )
     return parser
+
+
+def _instance(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise argparse.ArgumentTypeError(
+            f"must be 1-64 letters, digits, '_', '.' or '-', got {value!r}"
+        )
+    return value
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:

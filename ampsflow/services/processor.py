@@ -60,6 +60,7 @@ the connection is closed under it and the message is redone at the next start.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import threading
 import time
@@ -71,14 +72,14 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from ampsflow.adapters.amps import AmpsClient
+from ampsflow.adapters.amps import AmpsClient, default_client_name
 from ampsflow.adapters.instruments import messaging_attributes, metric_attributes, record_failure
 from ampsflow.adapters.propagation import PROBLEM_ATTRIBUTE, correlation_id_of, extract_context
 from ampsflow.adapters.telemetry import Telemetry, failure_span
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform
-from ampsflow.errors import AmpsError, BadMessageError, StartupError
+from ampsflow.errors import AmpsError, BadMessageError, ConfigError, ConfigProblem, StartupError
 from ampsflow.messaging import MessageSink, MessageSource, Received
 from ampsflow.service import Daemon, run_daemon
 
@@ -382,8 +383,40 @@ class Processor:
                 return False
 
 
+def instance_config(config: Config, instance: str) -> Config:
+    """The config of processor instance ``instance`` (``--instance``, the template unit's
+    ``%i``): its own client name (``<amps.client_name>-<instance>``, the default name when
+    unset) and state directory (``<processor.state_dir>-<instance>``).
+
+    Raises:
+        ConfigError: ``processor.input_mode`` is not ``queue`` (instances reading by
+            bookmark would each process every message).
+    """
+    if config.processor.input_mode != "queue":
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    config.source,
+                    "processor.input_mode",
+                    f"must be queue to run processor instances (--instance {instance})",
+                )
+            ]
+        )
+    name = config.amps.client_name or default_client_name("processor")
+    return dataclasses.replace(
+        config,
+        amps=dataclasses.replace(config.amps, client_name=f"{name}-{instance}"),
+        processor=dataclasses.replace(
+            config.processor, state_dir=f"{config.processor.state_dir.rstrip('/')}-{instance}"
+        ),
+    )
+
+
 def run(config: Config, args: argparse.Namespace) -> int:
     """Run the processor daemon until SIGTERM/SIGINT; returns the exit status."""
+    instance = getattr(args, "instance", None)
+    if instance:
+        config = instance_config(config, instance)
     section = config.processor
 
     def work(daemon: Daemon, telemetry: Telemetry) -> None:

@@ -39,6 +39,7 @@ PACKAGED_BIN_DIR = "/opt/venvs/ampsflow/bin"
 
 UNITS = (
     "ampsflow-processor.service",
+    "ampsflow-processor@.service",
     "ampsflow-persister.service",
     "ampsflow-marker.service",
     "ampsflow-devbroker.service",

@@ -33,6 +33,11 @@ UNITS = [*SERVICES, "ampsflow.target"]
 DEFAULT_CONFIG = REPO / "etc" / "ampsflow" / "ampsflow.yaml"
 LOGROTATE = REPO / "etc" / "logrotate.d" / "ampsflow"
 MAX_EXPOSURE = 2.0
+AMPS_CLIENT_UNITS = (
+    "ampsflow-processor.service",
+    "ampsflow-processor@.service",
+    "ampsflow-persister.service",
+)
 
 # The repository files are the source; ampsflow/data ships identical copies.
 DATA_COPIES = [
@@ -82,9 +87,12 @@ class TestUnits:
     """systemd/*.service and ampsflow.target."""
 
     def test_units_exist(self) -> None:
-        """The four services and the target are shipped."""
-        expected = [f"{c}.service" for c in sorted(setup_system.COMMANDS)]
+        """The four services, the processor instance template and the target are shipped."""
+        expected = sorted(
+            [f"{c}.service" for c in setup_system.COMMANDS] + ["ampsflow-processor@.service"]
+        )
         assert expected == SERVICES
+        assert sorted(UNITS) == sorted(setup_system.UNITS)
 
     @pytest.mark.parametrize("unit", UNITS)
     def test_unit_passes_verify(self, unit: str, runnable_units: Path) -> None:
@@ -146,11 +154,28 @@ class TestUnits:
     @pytest.mark.parametrize("unit", SERVICES)
     def test_service_runs_this_command(self, unit: str) -> None:
         """ExecStart runs the unit's own console script from the Debian venv."""
-        command = unit.removesuffix(".service")
+        command = unit.removesuffix(".service").removesuffix("@")
+        instance = " --instance %i" if unit.endswith("@.service") else ""
         expected = [
             f"{setup_system.PACKAGED_BIN_DIR}/{command} --config /etc/ampsflow/ampsflow.yaml"
+            + instance
         ]
         assert expected == _directives(unit)["ExecStart"]
+
+    def test_processor_instances_have_their_own_state_and_client_name(self) -> None:
+        """The template gives instance %i the state directory processor-%i, which is where
+        --instance puts its stores; the client name follows the instance too."""
+        from ampsflow.config import parse_config  # noqa: PLC0415
+        from ampsflow.services.processor import instance_config  # noqa: PLC0415
+
+        found = _directives("ampsflow-processor@.service")
+        assert "ampsflow/processor-%i" in found["StateDirectory"][0].split()
+        config = instance_config(
+            parse_config({"processor": {"input_mode": "queue"}, "amps": {"client_name": "p"}}),
+            "3",
+        )
+        expected = ("/var/lib/ampsflow/processor-3", "p-3")
+        assert expected == (config.processor.state_dir, config.amps.client_name)
 
     @pytest.mark.parametrize("unit", SERVICES)
     def test_every_sandboxing_directive_says_why(self, unit: str) -> None:
@@ -168,7 +193,7 @@ class TestUnits:
 
     def test_daemons_start_after_the_development_broker_without_requiring_it(self) -> None:
         """Processor and persister are ordered after the devbroker but never pull it in."""
-        for unit in ("ampsflow-processor.service", "ampsflow-persister.service"):
+        for unit in AMPS_CLIENT_UNITS:
             found = _directives(unit)
             assert "ampsflow-devbroker.service" in found["After"][0].split()
             wanted = " ".join(found.get("Wants", []) + found.get("Requires", []))
@@ -176,11 +201,8 @@ class TestUnits:
 
     def test_amps_clients_wait_for_amps_without_a_start_timeout(self) -> None:
         """Processor and persister stay activating (no timeout, no restart loop) until AMPS."""
-        found = [
-            _directives(unit)["TimeoutStartSec"]
-            for unit in ("ampsflow-processor.service", "ampsflow-persister.service")
-        ]
-        expected = [["infinity"], ["infinity"]]
+        found = [_directives(unit)["TimeoutStartSec"] for unit in AMPS_CLIENT_UNITS]
+        expected = [["infinity"]] * len(AMPS_CLIENT_UNITS)
         assert expected == found
 
     def test_target_wants_the_pipeline_but_not_the_development_broker(self) -> None:
@@ -317,11 +339,11 @@ class TestSetupSystem:
         assert expected == (
             status,
             list(tmp_path.iterdir()),
-            lines[-1].startswith("dry run: 10 change(s) planned"),
+            lines[-1].startswith("dry run: 11 change(s) planned"),
         )
 
     def test_installs_config_units_and_logrotate(self, tmp_path: Path) -> None:
-        """A first run installs the default config, the five units and the logrotate file."""
+        """A first run installs the default config, the six units and the logrotate file."""
         status, _ = _setup(tmp_path, "--no-user")
         installed = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
         expected = sorted(
