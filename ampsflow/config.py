@@ -157,6 +157,7 @@ class DevbrokerConfig:
     users_file: str | None = None
     max_frame_bytes: int = 16 * 1024 * 1024
     max_outbound_bytes: int = 64 * 1024 * 1024
+    slow_consumer_timeout_s: float = 30.0
     segment_bytes: int = 64 * 1024 * 1024
     retention_bytes: int | None = 1024 * 1024 * 1024
     retention_age_s: int | None = 7 * 24 * 3600
@@ -459,6 +460,10 @@ def _cross_checks(config: Config, source: str) -> list[ConfigProblem]:
         bad("devbroker.max_concurrent_logons", "must be at least 1")
     if broker.logon_timeout_s == 0:
         bad("devbroker.logon_timeout_s", "must be above 0")
+    if broker.slow_consumer_timeout_s == 0:
+        bad("devbroker.slow_consumer_timeout_s", "must be above 0")
+    if broker.max_outbound_bytes < 64 * 1024:
+        bad("devbroker.max_outbound_bytes", "must be at least 65536")
     seen: dict[str, int] = {}
     for i, queue in enumerate(config.devbroker.queues):
         where = f"devbroker.queues[{i}]"

@@ -28,6 +28,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -58,10 +59,12 @@ TICK_S = 0.1
 STATS_INTERVAL_S = 60.0
 RETENTION_INTERVAL_S = 60.0
 REPLAY_CHUNK = 512
-"""Log entries read per replay step; replay yields to the event loop between steps."""
+"""Log entries read per replay step (at most :attr:`Broker.flow_bytes` of bodies); replay
+waits for the socket to drain between steps."""
 OUTBOUND_HIGH_WATER = 1024 * 1024
-"""Replay waits while a connection has more than this queued (live traffic does not wait:
-it is bounded by ``max_outbound_bytes`` instead)."""
+"""Flow control: a connection with more than this (or a quarter of ``max_outbound_bytes``
+when that is less) queued gets no more live messages; its subscriptions fall behind and are
+fed from the transaction log as its socket drains (see :meth:`Broker._fall_behind`)."""
 MAX_PENDING_ENTRIES = 200_000
 """Appended but not yet committed entries above which publishers' sockets stop being
 read until the log catches up."""
@@ -179,6 +182,9 @@ class Broker:
         self._logon_slots = asyncio.Semaphore(config.max_concurrent_logons)
         self._refused_log = _Throttle(LOG_EVERY_S)
         self._filter_log = _Throttle(LOG_EVERY_S)
+        self.flow_bytes = max(1, min(OUTBOUND_HIGH_WATER, config.max_outbound_bytes // 4))
+        """Outbound bytes above which a connection is fed from the log (flow control)."""
+        self._progress: dict[Connection, tuple[int, float]] = {}
         self._accept_log = _Throttle(LOG_EVERY_S)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous_handler: Any = None
@@ -388,6 +394,7 @@ class Broker:
         self._conns.discard(conn)
         conn.cancel_logon_timer()
         self._ack_conns.discard(conn)
+        self._progress.pop(conn, None)
         if isinstance(conn, TcpConnection):
             self._paused.discard(conn)
         for sub in list(conn.subs.values()):
@@ -610,7 +617,11 @@ class Broker:
             return
         bookmark = entry.bookmark
         plain: bytes | None = None
+        flow_bytes = self.flow_bytes
         for conn, group in targets.items():
+            if conn.outbound_bytes() > flow_bytes:
+                self._fall_behind(group, entry)
+                continue
             with_ts = False
             for sub in group:
                 with_ts = with_ts or sub.with_timestamp
@@ -631,14 +642,40 @@ class Broker:
                 continue
             self.counters.delivered += 1
 
-    async def _replay(self, sub: Subscription, cursor: ReplayCursor) -> None:
+    def _fall_behind(self, subs: list[Subscription], entry: LogEntry) -> None:
+        """Stop live delivery to ``subs`` (their connection's socket is not keeping up) and
+        feed them from the log from ``entry`` on, as fast as the socket drains; they turn
+        live again when they catch up. Nothing is skipped and memory stays bounded."""
+        for sub in subs:
+            if not sub.live:
+                continue
+            sub.live = False
+            self.counters.fell_behind += 1
+            logger.debug(
+                "%r: %s falls behind at log position %d (%d bytes queued); fed from the log",
+                sub.conn,
+                sub.sub_id,
+                entry.position,
+                sub.conn.outbound_bytes(),
+            )
+            self._spawn(self._replay(sub, ReplayCursor(position=entry.position), completed=False))
+
+    async def _replay(
+        self, sub: Subscription, cursor: ReplayCursor, *, completed: bool = True
+    ) -> None:
+        """Deliver log entries to ``sub`` from ``cursor``, a chunk at a time, waiting for the
+        connection to drain between chunks; turn it live once it has caught up. A
+        ``completed`` ack (when asked for) ends the subscribe's own replay."""
         conn = sub.conn
         try:
             while True:
                 if conn.closed or conn.subs.get(sub.sub_id) is not sub:
                     return
                 entries, cursor = self.log.read(
-                    cursor, up_to=self.delivered_position, limit=REPLAY_CHUNK
+                    cursor,
+                    up_to=self.delivered_position,
+                    limit=REPLAY_CHUNK,
+                    max_bytes=self.flow_bytes,
                 )
                 for entry in entries:
                     if entry.topic == RECORD_TOPIC or not sub.matches_topic(entry.topic):
@@ -654,7 +691,7 @@ class Broker:
                     sub.live = True
                     break
                 await conn.drain()
-            if sub.wants_completed:
+            if completed and sub.wants_completed:
                 conn.send(protocol.ack(sub.command, "completed"))
         except (TransactionLogError, OSError) as exc:
             logger.error("%r: replay for %s failed: %s", conn, sub.sub_id, exc)  # noqa: TRY400 - one line says it all
@@ -667,6 +704,30 @@ class Broker:
 
     # ------------------------------------------------------------------ periodic work
 
+    def _check_progress(self, conn: Connection, now: float) -> None:
+        """Disconnect ``conn`` when it has had bytes queued and read none of them for
+        ``slow_consumer_timeout_s`` (a slow consumer: one that does not read, however
+        little or much is queued)."""
+        queued = conn.outbound_bytes()
+        sent = conn.sent_bytes()
+        last = self._progress.get(conn)
+        if queued == 0 or last is None or sent != last[0]:
+            self._progress[conn] = (sent, now)
+            return
+        stalled = now - last[1]
+        if stalled < self.config.slow_consumer_timeout_s:
+            return
+        self.counters.slow_consumers += 1
+        logger.warning(
+            "%r: %d bytes queued and none read for %.1f s (slow_consumer_timeout_s %g); "
+            "disconnecting slow consumer",
+            conn,
+            queued,
+            stalled,
+            self.config.slow_consumer_timeout_s,
+        )
+        conn.abort("slow consumer")
+
     async def _ticker(self) -> None:
         loop = asyncio.get_running_loop()
         next_stats = time.monotonic() + STATS_INTERVAL_S
@@ -675,6 +736,9 @@ class Broker:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
             for conn in list(self._conns):
+                self._check_progress(conn, now)
+                if conn.closed:
+                    continue
                 try:
                     conn.tick(now)
                 except Exception:
@@ -844,6 +908,7 @@ class TcpConnection(Connection, asyncio.Protocol):
         self._inbound = bytearray()
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._written = 0
         self._flush_scheduled = False
         self._writable: asyncio.Future[None] | None = None
         self._max_frame = broker.config.max_frame_bytes
@@ -860,7 +925,7 @@ class TcpConnection(Connection, asyncio.Protocol):
             self.closed = True
             transport.abort()
             return
-        transport.set_write_buffer_limits(high=OUTBOUND_HIGH_WATER)
+        transport.set_write_buffer_limits(high=self.broker.flow_bytes)
         self.broker.add_connection(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -919,11 +984,11 @@ class TcpConnection(Connection, asyncio.Protocol):
         if self.closed:
             return
         data = protocol.frame(header, body) if body else protocol.frame(header)
+        if self._out_bytes > self._max_out:
+            self._over_limit(self._out_bytes)
+            return
         self._out.append(data)
         self._out_bytes += len(data)
-        if self._out_bytes > self._max_out:
-            self._slow_consumer()
-            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._write_out)
@@ -935,27 +1000,44 @@ class TcpConnection(Connection, asyncio.Protocol):
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         self._out_bytes = 0
+        waiting = self._transport.get_write_buffer_size()
+        if waiting > self._max_out:
+            self._over_limit(waiting)
+            return
+        self._written += len(data)
         self._transport.write(data)
-        if self._transport.get_write_buffer_size() > self._max_out:
-            self._slow_consumer()
 
-    def _slow_consumer(self) -> None:
+    def _over_limit(self, queued: int) -> None:
+        """The hard memory bound: more than ``max_outbound_bytes`` was already waiting when
+        more came (flow control keeps a client that reads far below it)."""
         self.broker.counters.slow_consumers += 1
         logger.warning(
-            "%r: more than max_outbound_bytes (%d) queued; disconnecting slow consumer",
+            "%r: %d bytes queued, more than max_outbound_bytes (%d); disconnecting slow consumer",
             self,
+            queued,
             self._max_out,
         )
+        self.abort("slow consumer")
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, discarding what is queued."""
         self.closed = True
-        self.close_reason = "slow consumer"
+        self.close_reason = self.close_reason or reason
         self._out.clear()
+        self._out_bytes = 0
         if self._transport is not None:
             self._transport.abort()
+        self._wake_writers()
 
     def outbound_bytes(self) -> int:
         """Bytes queued here plus those in the transport's buffer."""
         buffered = self._transport.get_write_buffer_size() if self._transport else 0
         return self._out_bytes + buffered
+
+    def sent_bytes(self) -> int:
+        """Bytes the kernel has taken from the transport so far."""
+        buffered = self._transport.get_write_buffer_size() if self._transport else 0
+        return self._written - buffered
 
     def pause_writing(self) -> None:
         """The transport's buffer is above its high-water mark."""
@@ -1001,7 +1083,9 @@ class WsConnection(Connection):
         self._ws = ws
         self._queue: deque[tuple[str, bytes | None]] = deque()
         self._queued_bytes = 0
+        self._sent = 0
         self._max_out = broker.config.max_outbound_bytes
+        self._high_water = broker.flow_bytes
         self._wakeup = asyncio.Event()
         self._below_high_water = asyncio.Event()
         self._below_high_water.set()
@@ -1012,21 +1096,21 @@ class WsConnection(Connection):
         """Queue a header text frame and, for a non-empty message body, a body frame."""
         if self.closed or self._closing:
             return
-        self._queue.append((header.decode("utf-8"), body or None))
-        self._queued_bytes += len(header) + (len(body) if body else 0)
         if self._queued_bytes > self._max_out:
+            # The hard memory bound (flow control keeps a client that reads far below it).
             self.broker.counters.slow_consumers += 1
             logger.warning(
-                "%r: more than max_outbound_bytes (%d) queued; disconnecting slow consumer",
+                "%r: %d bytes queued, more than max_outbound_bytes (%d); "
+                "disconnecting slow consumer",
                 self,
+                self._queued_bytes,
                 self._max_out,
             )
-            self._queue.clear()
-            self.close_reason = "slow consumer"
-            self.closed = True
-            self._wakeup.set()
+            self.abort("slow consumer")
             return
-        if self._queued_bytes > OUTBOUND_HIGH_WATER:
+        self._queue.append((header.decode("utf-8"), body or None))
+        self._queued_bytes += len(header) + (len(body) if body else 0)
+        if self._queued_bytes > self._high_water:
             self._below_high_water.clear()
         self._wakeup.set()
 
@@ -1044,8 +1128,10 @@ class WsConnection(Connection):
                             await ws.send_str(body.decode("utf-8"))
                         except UnicodeDecodeError:
                             await ws.send_bytes(body)
-                    self._queued_bytes -= len(header) + (len(body) if body else 0)
-                    if self._queued_bytes <= OUTBOUND_HIGH_WATER:
+                    size = len(header) + (len(body) if body else 0)
+                    self._queued_bytes -= size
+                    self._sent += size
+                    if self._queued_bytes <= self._high_water:
                         self._below_high_water.set()
                 if self._closing and not self._queue:
                     break
@@ -1059,6 +1145,24 @@ class WsConnection(Connection):
     def outbound_bytes(self) -> int:
         """Bytes queued for the writer task."""
         return self._queued_bytes
+
+    def sent_bytes(self) -> int:
+        """Bytes the writer task has handed to the WebSocket so far."""
+        return self._sent
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once: discard what is queued and shut the socket down
+        (the writer may be blocked on a peer that does not read)."""
+        self._queue.clear()
+        self._queued_bytes = 0
+        self.close_reason = self.close_reason or reason
+        self.closed = True
+        self._wakeup.set()
+        self._below_high_water.set()
+        sock = self._ws.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def drain(self) -> None:
         """Wait while more than the high-water mark is queued."""

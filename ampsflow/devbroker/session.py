@@ -111,6 +111,7 @@ class Counters:
     heartbeat_timeouts: int = 0
     internal_errors: int = 0
     filter_errors: int = 0
+    fell_behind: int = 0
     oversized_headers: int = 0
     bad_logons: int = 0
     logon_timeouts: int = 0
@@ -260,6 +261,14 @@ class Connection:
 
     def outbound_bytes(self) -> int:
         """Bytes queued for this client and not yet written to the socket."""
+        raise NotImplementedError
+
+    def sent_bytes(self) -> int:
+        """Bytes written to the socket so far (slow-consumer detection watches it grow)."""
+        raise NotImplementedError
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, discarding what is queued; ``reason`` goes to the log."""
         raise NotImplementedError
 
     async def drain(self) -> None:

@@ -668,9 +668,10 @@ class TransactionLog:
                 yield entry, off, nxt
 
     def read(
-        self, cursor: ReplayCursor, *, up_to: int, limit: int
+        self, cursor: ReplayCursor, *, up_to: int, limit: int, max_bytes: int | None = None
     ) -> tuple[list[LogEntry], ReplayCursor]:
-        """Return up to ``limit`` durable entries from ``cursor`` with position <= ``up_to``.
+        """Return up to ``limit`` durable entries from ``cursor`` with position <= ``up_to``
+        (fewer once their bodies add up to ``max_bytes``, but always at least one).
 
         Entries covered by the cursor's skip rule are left out. The returned cursor's
         ``position`` is the next position to read: replay is complete when it exceeds
@@ -680,6 +681,8 @@ class TransactionLog:
         """
         up_to = min(up_to, self._durable_position)
         out: list[LogEntry] = []
+        size = 0
+        budget = max_bytes if max_bytes is not None else 1 << 62
         position = cursor.position
         after = cursor.after
         if position > up_to or limit <= 0:
@@ -704,7 +707,8 @@ class TransactionLog:
                     seen = after.get(entry.publisher_id) if after else None
                     if seen is None or entry.sequence > seen:
                         out.append(entry)
-                        if len(out) >= limit:
+                        size += len(entry.body)
+                        if len(out) >= limit or size >= budget:
                             return out, ReplayCursor(position, after, seg_base, next_offset)
             except FileNotFoundError:
                 logger.warning(

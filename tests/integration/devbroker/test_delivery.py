@@ -152,3 +152,79 @@ class RawReceived:
         wait_until(lambda: len(self.bodies) >= count, f"{count} messages")
         with self.lock:
             return list(self.bodies)
+
+
+class Sizes:
+    """Sizes of the message bodies a subscription got, and whether its client lost the
+    connection (a plain client does not reconnect)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.disconnects = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, message: AMPS.Message) -> None:
+        with self.lock:
+            self.sizes.append(len(message.get_data_raw()))
+
+    def on_disconnect(self, _client: AMPS.Client) -> None:
+        self.disconnects += 1
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[int]:
+        wait_until(lambda: len(self.sizes) >= count or self.disconnects > 0, "messages", timeout)
+        with self.lock:
+            return list(self.sizes)
+
+
+def subscriber(uri: str, sizes: Sizes) -> AMPS.Client:
+    client = AMPS.Client(f"s{uuid.uuid4().hex[:8]}")
+    client.set_disconnect_handler(sizes.on_disconnect)
+    client.connect(uri)
+    client.logon()
+    return client
+
+
+class TestLargeBatches:
+    def test_reader_gets_a_batch_of_a_hundred_one_mib_messages(
+        self, start_broker: Callable[..., RunningBroker], connect
+    ) -> None:
+        """100 x 1 MiB committed together (more than max_outbound_bytes at once) all reach a
+        subscriber that reads; it is not taken for a slow consumer."""
+        # The commit waits long enough for all 100 MiB to be in one batch.
+        broker = start_broker(commit_delay_ms=2000)
+        t = topic()
+        sizes = Sizes()
+        client = subscriber(broker.tcp_uri, sizes)
+        try:
+            client.subscribe(sizes, t)
+            publisher = connect(broker.tcp_uri)
+            body = b'{"pad":"' + b"x" * (1024 * 1024 - 10) + b'"}'
+            for _ in range(100):
+                publisher.publish(t, body)
+            publisher.publish_flush(60_000)
+            assert (sizes.wait_for(100), sizes.disconnects) == ([len(body)] * 100, 0)
+            assert broker.counter("slow_consumers") == 0
+        finally:
+            client.close()
+
+    def test_bookmark_replay_of_600_messages_of_200_kb_completes(
+        self, start_broker: Callable[..., RunningBroker], connect
+    ) -> None:
+        """A replay of 120 MB from epoch is paced by the socket, not cut off."""
+        broker = start_broker(max_outbound_bytes=16 * 1024 * 1024)
+        t = topic()
+        publisher = connect(broker.tcp_uri)
+        body = b'{"pad":"' + b"y" * (200 * 1000 - 10) + b'"}'
+        for _ in range(600):
+            publisher.publish(t, body)
+        publisher.publish_flush(60_000)
+        sizes = Sizes()
+        client = subscriber(broker.tcp_uri, sizes)
+        try:
+            client.bookmark_subscribe(sizes, t, "0")
+            assert (sizes.wait_for(600), sizes.disconnects) == ([len(body)] * 600, 0)
+            publisher.publish(t, '{"live":1}')
+            assert sizes.wait_for(601)[-1] == len('{"live":1}')
+            assert broker.counter("slow_consumers") == 0
+        finally:
+            client.close()

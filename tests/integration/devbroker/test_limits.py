@@ -8,7 +8,9 @@ Python client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import socket
 import struct
 import uuid
@@ -176,9 +178,10 @@ class TestBadInput:
 
 
 class TestSlowConsumer:
-    def test_reader_that_stops_reading_is_disconnected(self, start_broker, raw_clients):
-        """A subscriber that stops reading is cut off at max_outbound_bytes; others go on."""
-        broker = start_broker(max_outbound_bytes=256 * 1024)
+    def test_subscriber_that_does_not_read_is_disconnected(self, start_broker, raw_clients, caplog):
+        """A subscriber that reads nothing is cut off after slow_consumer_timeout_s without
+        progress (counted, one WARNING line); publishing and other clients go on."""
+        broker = start_broker(slow_consumer_timeout_s=1.0)
         stalled = RawClient(broker.broker.tcp_port, rcvbuf=4096)
         raw_clients.append(stalled)
         stalled.logon("stalled")
@@ -187,18 +190,42 @@ class TestSlowConsumer:
         publisher = RawClient(broker.broker.tcp_port)
         raw_clients.append(publisher)
         publisher.logon("flooder")
-        body = b'{"pad":"' + b"x" * 4000 + b'"}'
-        for _batch in range(200):
-            for _ in range(50):
+        body = b'{"pad":"' + b"x" * 100_000 + b'"}'
+        with caplog.at_level(logging.WARNING, logger="ampsflow.devbroker.server"):
+            for _ in range(40):
                 publisher.send({"c": "p", "t": "flood"}, body)
             publisher.send({"c": "flush", "cid": "f", "a": "processed"})
-            publisher.recv_header()
-            if broker.counter("slow_consumers"):
-                break
-        assert (
-            broker.counter("slow_consumers"),
-            official_roundtrip(broker),
-        ) == (1, '{"still":"serving"}')
+            assert publisher.recv_header()["status"] == "success"
+            wait_until(lambda: broker.counter("slow_consumers") == 1, "the slow consumer cut")
+        assert "none read for" in caplog.text
+        assert "disconnecting slow consumer" in caplog.text
+        with contextlib.suppress(ConnectionResetError):
+            stalled.wait_closed()
+        assert official_roundtrip(broker) == '{"still":"serving"}'
+
+    def test_slow_but_steady_reader_is_not_disconnected(self, start_broker, raw_clients):
+        """A subscriber that reads a little at a time, slower than the publisher, gets every
+        message: it is fed from the log as it reads, never cut as a slow consumer."""
+        broker = start_broker(slow_consumer_timeout_s=2.0, max_outbound_bytes=256 * 1024)
+        reader = RawClient(broker.broker.tcp_port, rcvbuf=4096)
+        raw_clients.append(reader)
+        reader.logon("steady")
+        reader.send({"c": "subscribe", "cid": "s", "t": "steady", "a": "processed"})
+        reader.recv_header()
+        publisher = RawClient(broker.broker.tcp_port)
+        raw_clients.append(publisher)
+        publisher.logon("fast")
+        body = b'{"pad":"' + b"z" * 20_000 + b'"}'
+        for _ in range(200):
+            publisher.send({"c": "p", "t": "steady"}, body)
+        publisher.send({"c": "flush", "cid": "f", "a": "processed"})
+        assert publisher.recv_header()["status"] == "success"
+        got = 0
+        while got < 200:
+            frame = reader.recv_frame()
+            assert frame is not None, "the reader was disconnected"
+            got += 1
+        assert broker.counter("slow_consumers") == 0
 
 
 class TestPublishStoreDedupe:
