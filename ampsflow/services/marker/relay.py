@@ -4,11 +4,11 @@
 as received, with their Content-Type and Content-Encoding) or, when the queue
 is at ``max_requests`` or ``max_bytes``, drops it and counts the drop. A few
 worker tasks post the queue to the upstream. A connection error, a timeout,
-or an answer of 429, 502, 503 or 504 is retried with exponential backoff
-(0.5 s doubling to ``max_delay_s``, ±20 % jitter) until it succeeds, so an
-upstream that is down for a while only fills the queue, and forwarding
-resumes by itself when it is back. Any other 4xx/5xx answer is final: the
-upload is dropped and counted as rejected.
+or an answer of 429, 502, 503 or 504 is retried with the :mod:`ampsflow.backoff`
+policy (0.5 s doubling to ``max_delay_s``, each wait drawn from its upper half)
+until it succeeds, so an upstream that is down for a while only fills the
+queue, and forwarding resumes by itself when it is back. Any other 4xx/5xx
+answer is final: the upload is dropped and counted as rejected.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
+
+from ampsflow.backoff import Backoff, BackoffPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,9 @@ class Forwarder:
                 self.counters.queued_bytes -= len(body)
 
     async def _deliver(self, body: bytes, headers: Mapping[str, str]) -> None:
-        delay = INITIAL_DELAY_S
+        backoff = Backoff(
+            BackoffPolicy(initial_s=INITIAL_DELAY_S, max_s=max(INITIAL_DELAY_S, self.max_delay_s))
+        )
         while True:
             problem = await self._post(body, headers)
             if problem is None:
@@ -134,8 +137,7 @@ class Forwarder:
                 )
             else:
                 logger.debug("OTLP upstream %s: %s", self.url, problem)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 (jitter)
-            delay = min(self.max_delay_s, delay * 2)
+            await backoff.sleep()
 
     async def _post(self, body: bytes, headers: Mapping[str, str]) -> str | None:
         """None on success, ``final`` for a refusal, else the retryable problem."""
