@@ -84,7 +84,7 @@ class PersisterConfig:
     topic: str = "external"
     path: str = "/var/lib/ampsflow/messages.jsonl"
     max_batch_lines: int = 1000
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int = 0
     state_dir: str = "/var/lib/ampsflow/persister"
     retry_max_delay_ms: int = 5000
     max_message_bytes: int = 16 * 1024 * 1024

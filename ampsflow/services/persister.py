@@ -9,10 +9,14 @@ The loop (:class:`Persister`):
 
 1. **Collect** a batch: the first message waits for as long as it takes (the
    loop wakes every 200 ms for the watchdog, SIGHUP and SIGTERM); the batch
-   then fills until ``max_batch_lines`` messages or ``max_batch_delay_ms`` after
-   its first message. Each message gets a CONSUMER span ``persist-message``
-   whose parent is the processor's span from the CorrelationId (header
-   preferred, payload ``CorrelationId`` as fallback) and a persisted line.
+   then takes every message already queued, up to ``max_batch_lines``, and
+   waits for more only up to ``max_batch_delay_ms`` after its first message
+   (0 by default: it commits at once). This is group commit without a fixed
+   wait: while one batch's fdatasync runs (the GIL released), the AMPS client
+   keeps queueing deliveries, and they form the next batch. Each message gets
+   a CONSUMER span ``persist-message`` whose parent is the processor's span
+   from the CorrelationId (header preferred, payload ``CorrelationId`` as
+   fallback) and a persisted line.
 2. **Commit** the batch: one write, one fdatasync. A failed write or fsync
    (``ENOSPC``, ``EIO``, ``EACCES``) sets ERROR on every span of the batch with
    the exception, counts ``ampsflow.persister.write.errors``, reports
@@ -143,7 +147,8 @@ class Persister:
         telemetry: Tracer, meter and instruments of the service.
         topic: The subscribed topic (span and metric attribute).
         max_batch_lines: Most lines per commit.
-        max_batch_delay_s: Longest a batch's first message waits for the batch to fill.
+        max_batch_delay_s: Longest a batch's first message waits for more messages
+            once the queued ones are taken (0: commit at once).
         retry_max_delay_s: Cap of the backoff between retries of a failed commit.
         drain_timeout_s: How long a stop waits for a failing disk.
         max_message_bytes: Largest body parsed as JSON (larger ones are kept raw).
@@ -219,9 +224,9 @@ class Persister:
         batch = [self._prepare_safely(first, batch_keys)]
         deadline = time.monotonic() + self._max_delay_s
         while len(batch) < self._max_lines and not stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            # What is already queued joins the batch at once; only then does
+            # the batch wait (up to the delay, none by default) for more.
+            remaining = max(0.0, deadline - time.monotonic())
             received = self._source.receive(remaining)
             if received is None:
                 break

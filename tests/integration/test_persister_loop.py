@@ -74,6 +74,7 @@ class Harness:
         persister: type[Persister] = Persister,
         max_message_bytes: int = 16 * 1024 * 1024,
         sampler_ratio: float = 1.0,
+        max_batch_delay_s: float = 0.005,
     ) -> None:
         self.path = path
         self.amps = FakeAmps()
@@ -91,7 +92,7 @@ class Harness:
             telemetry=self.otel.telemetry,
             topic="external",
             max_batch_lines=max_batch_lines,
-            max_batch_delay_s=0.005,
+            max_batch_delay_s=max_batch_delay_s,
             retry_max_delay_s=0.01,
             drain_timeout_s=0.0,
             max_message_bytes=max_message_bytes,
@@ -253,6 +254,24 @@ class TestSpans:
             "ampsflow.message.id": "m1",
         }
         assert expected == {k: attributes.get(k) for k in expected}
+
+    def test_with_no_delay_every_queued_message_joins_one_commit(self, tmp_path: Path) -> None:
+        """max_batch_delay 0 (the default) commits at once, with everything already queued."""
+        h = Harness(tmp_path / "m.jsonl", max_batch_delay_s=0.0)
+        try:
+            for i in range(5):
+                h.deliver({"id": f"m{i}"})
+            h.start()
+            h.wait_discarded(5)
+            assert (h.persister.batches, [line["id"] for line in h.lines()]) == (
+                1,
+                [f"m{i}" for i in range(5)],
+            )
+            h.deliver({"id": "m5"})
+            h.wait_discarded(6)
+            assert h.persister.batches == 2
+        finally:
+            h.stop()
 
     def test_batch_facts_are_told_once_per_batch(self, harness: Harness) -> None:
         """One fsync event per commit, on its first span; every span ends after the fsync."""
