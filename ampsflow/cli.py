@@ -200,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
             return EX_CONFIG
+        # SIGHUP reads the same file again, with the same command-line overrides.
+        args.config_loader = lambda: _apply_overrides(
+            load_config(args.config, required=args.config is not None), args
+        )
     if args.command == "check-config":
         print(f"# {config.source}: OK", file=sys.stderr)
         sys.stdout.write(yaml.safe_dump(to_mapping(config), sort_keys=False))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -226,7 +226,9 @@ def load_config(path: Path | str | None, *, required: bool = True) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        raise ConfigError([ConfigProblem(name, where, f"not valid YAML: {exc}")]) from exc
+        # One line: each problem is one journal entry.
+        detail = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError([ConfigProblem(name, where, f"not valid YAML: {detail}")]) from exc
     return parse_config(data, source=name)
 
 
@@ -498,6 +500,45 @@ def to_mapping(config: Config) -> dict[str, Any]:
         section = dataclasses.asdict(getattr(config, name))
         out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
     return out
+
+
+def changed_keys(old: Config, new: Config, sections: Iterable[str]) -> list[str]:
+    """The dotted keys (``logging.level``) whose value differs between two configs.
+
+    Pure: compares the given ``sections`` only (a service ignores the sections
+    of the others; an entry ``section.key`` compares that one key), in the order
+    the dataclasses declare their keys.
+    """
+    changed: list[str] = []
+    for section in sections:
+        if "." in section:  # one key of a section the service otherwise ignores
+            if key_value(old, section) != key_value(new, section):
+                changed.append(section)
+            continue
+        before, after = getattr(old, section), getattr(new, section)
+        for f in dataclasses.fields(before):
+            if getattr(before, f.name) != getattr(after, f.name):
+                changed.append(f"{section}.{f.name}")
+    return changed
+
+
+def key_value(config: Config, key: str) -> Any:
+    """The value of dotted ``key`` (``logging.level``) in ``config``."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def merge_keys(base: Config, source: Config, keys: Iterable[str]) -> Config:
+    """``base`` with the dotted ``keys`` taken from ``source`` (what a reload applied).
+
+    ``source`` names the result's file, since the keys came from it.
+    """
+    result = dataclasses.replace(base, source=source.source)
+    for key in keys:
+        section, _, name = key.partition(".")
+        updated = dataclasses.replace(getattr(result, section), **{name: key_value(source, key)})
+        result = dataclasses.replace(result, **{section: updated})
+    return result
 
 
 def read_secret(path: str) -> str:

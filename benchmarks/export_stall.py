@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ampsflow.service import tune_garbage_collection
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -39,7 +40,6 @@ from ampsflow.adapters.instruments import messaging_attributes
 from ampsflow.adapters.otlp_wire import OtlpHttpSpanExporter
 from ampsflow.adapters.telemetry import setup_telemetry
 from ampsflow.config import TelemetryConfig
-from ampsflow.service import tune_garbage_collection
 from benchmarks.otlp_sink import OtlpSink
 
 

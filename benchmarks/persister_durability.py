@@ -56,7 +56,7 @@ from ampsflow.adapters.sink import JsonlSink, PendingLine  # noqa: E402
 from ampsflow.adapters.telemetry import setup_telemetry  # noqa: E402
 from ampsflow.config import TelemetryConfig  # noqa: E402
 from ampsflow.core.records import Provenance, build_line  # noqa: E402
-from ampsflow.service import Daemon  # noqa: E402
+from ampsflow.lifecycle import Daemon  # noqa: E402
 from ampsflow.services.persister import Persister  # noqa: E402
 from ampsflow.testing import FakeAmps  # noqa: E402
 from benchmarks.otlp_sink import OtlpSink  # noqa: E402

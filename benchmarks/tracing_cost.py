@@ -66,7 +66,7 @@ from ampsflow.adapters.propagation import correlation_id_of, extract_context  # 
 from ampsflow.adapters.sink import JsonlSink  # noqa: E402
 from ampsflow.adapters.telemetry import Telemetry, setup_telemetry  # noqa: E402
 from ampsflow.config import ProcessorConfig, TelemetryConfig  # noqa: E402
-from ampsflow.service import Daemon  # noqa: E402
+from ampsflow.lifecycle import Daemon  # noqa: E402
 from ampsflow.services import processor as processor_module  # noqa: E402
 from ampsflow.services.persister import Persister  # noqa: E402
 from ampsflow.services.processor import Processor  # noqa: E402

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -358,3 +359,64 @@ def otlp_bodies() -> st.SearchStrategy[bytes]:
         lambda pair: pair[0][: -pair[1]]
     )
     return st.one_of(valid, valid, truncated, st.binary(max_size=3000))
+
+
+# -- config files (reload) ----------------------------------------------------------
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def config_mappings() -> st.SearchStrategy[dict[str, Any]]:
+    """Valid config files (as parsed YAML): the keys a reload compares, varied."""
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "logging": st.fixed_dictionaries(
+                {}, optional={"level": st.sampled_from(LEVELS), "file": st.just(None)}
+            ),
+            "telemetry": st.fixed_dictionaries(
+                {"exporter": st.just("none")},
+                optional={
+                    "sampler_ratio": st.floats(0, 1),
+                    "schedule_delay_ms": st.integers(1, 5000),
+                },
+            ),
+            "processor": st.fixed_dictionaries(
+                {},
+                optional={
+                    "input_topic": st.sampled_from(["internal", "in", "a.b"]),
+                    "output_topic": st.sampled_from(["external", "out"]),
+                    "carrier": st.sampled_from(["header", "payload", "both"]),
+                },
+            ),
+            "marker": st.fixed_dictionaries(
+                {},
+                optional={
+                    "jaeger_ui_url": st.none() | st.sampled_from(["http://j:16686", "http://x"]),
+                    "listen": st.sampled_from(["127.0.0.1:8080", "127.0.0.1:9090"]),
+                },
+            ),
+        },
+    )
+
+
+def config_texts() -> st.SearchStrategy[str]:
+    """Text an operator might leave in a config file: valid, broken or neither."""
+    scalar = st.one_of(
+        st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=8), st.floats(-1, 2)
+    )
+    yamlish = st.dictionaries(
+        st.sampled_from(["logging", "telemetry", "processor", "nosuch", "marker"]),
+        st.dictionaries(
+            st.sampled_from(["level", "file", "sampler_ratio", "input_topic", "typo"]), scalar
+        )
+        | scalar,
+        max_size=4,
+    )
+    import yaml  # noqa: PLC0415 - only the strategies that write files need it
+
+    return st.one_of(
+        yamlish.map(yaml.safe_dump),
+        st.text(max_size=80),
+        st.just("logging: {level: debug\n"),
+    )

@@ -65,10 +65,8 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.sampling import (
     Decision,
-    ParentBased,
     Sampler,
     SamplingResult,
-    TraceIdRatioBased,
 )
 from opentelemetry.trace import (
     Link,
@@ -82,6 +80,7 @@ from opentelemetry.util.types import Attributes, AttributeValue
 
 from ampsflow import __version__
 from ampsflow.adapters.instruments import BATCH_SIZE_BUCKETS, DURATION_BUCKETS_S, Instruments
+from ampsflow.adapters.sampling import RatioSampler
 from ampsflow.adapters.span_loss import CountingExporter, CountingProcessor, SpanLossCounter
 from ampsflow.config import TelemetryConfig
 
@@ -108,6 +107,8 @@ class Telemetry:
     span_exporter: SpanExporter | None = None
     """The exporter spans go to (``None`` when export is off)."""
     shutdown_timeout_s: float = 10.0
+    sampler: RatioSampler | None = None
+    """The ratio sampler a reload adjusts (``None`` when ``OTEL_TRACES_SAMPLER`` is set)."""
     _shut_down: bool = False
 
     def force_flush(self, timeout_s: float | None = None) -> bool:
@@ -178,11 +179,13 @@ def setup_telemetry(
     resource = Resource.create({SERVICE_NAME: name, SERVICE_VERSION: __version__})
     if env.get("OTEL_SERVICE_NAME"):
         resource = resource.merge(Resource({SERVICE_NAME: name}))
+    ratio_sampler: RatioSampler | None = None
     if env.get("OTEL_TRACES_SAMPLER"):
         # The SDK reads OTEL_TRACES_SAMPLER(_ARG) when given no sampler.
         base = TracerProvider(resource=resource, shutdown_on_exit=False).sampler
     else:
-        base = ParentBased(TraceIdRatioBased(config.sampler_ratio))
+        # ParentBased(TraceIdRatioBased(ratio)) whose ratio a reload may change.
+        base = ratio_sampler = RatioSampler(config.sampler_ratio)
     tracer_provider = TracerProvider(resource=resource, sampler=FailuresSampled(base))
 
     max_queue_size = _env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", config.max_queue_size)
@@ -254,6 +257,7 @@ def setup_telemetry(
         losses=losses,
         span_exporter=exporter,
         shutdown_timeout_s=config.shutdown_timeout_ms / 1000,
+        sampler=ratio_sampler,
     )
 
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
-import os
 import re
 import resource
-import signal
 import socket
 import sys
 import time
@@ -39,7 +38,6 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ampsflow.adapters.systemd import Notifier
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, DevbrokerConfig, parse_host_port
 from ampsflow.devbroker import protocol
@@ -49,8 +47,14 @@ from ampsflow.devbroker.queueing import QueueService
 from ampsflow.devbroker.queues import RECORD_TOPIC
 from ampsflow.devbroker.session import MALFORMED, Connection, Counters, Subscription
 from ampsflow.devbroker.txlog import LogEntry, ReplayCursor, TransactionLog
-from ampsflow.errors import AuthError, OversizedHeaderError, ProtocolError, TransactionLogError
-from ampsflow.logs import configure_logging
+from ampsflow.errors import (
+    AuthError,
+    OversizedHeaderError,
+    ProtocolError,
+    StartupError,
+    TransactionLogError,
+)
+from ampsflow.lifecycle import LIVE_KEYS_COMMON, Daemon, run_service, serve_until_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -207,21 +211,26 @@ class Broker:
         """The WebSocket listener's bound port (useful when configured as 0)."""
         return self._ws_port
 
-    def reload_users(self) -> None:
-        """Re-read ``users_file`` (SIGHUP); an unreadable file keeps the users already loaded.
+    def reload_users(self, users_file: str | None) -> None:
+        """Read ``users_file`` again (SIGHUP); an unreadable file keeps the users in effect.
 
-        Connections already logged on are not affected; the next logon uses the new file.
+        ``None`` turns authentication off. Connections already logged on are not
+        affected; the next logon uses the new users.
         """
-        if not self.config.users_file:
-            logger.info("reload: no users file configured, nothing to re-read")
+        if not users_file:
+            if self.users is not None:
+                logger.warning("reload: no users file any more: logons are not checked")
+            self.users = None
+            self.config = dataclasses.replace(self.config, users_file=None)
             return
         try:
-            users = Users.load(Path(self.config.users_file))
+            users = Users.load(Path(users_file))
         except AuthError as exc:
             logger.error("reload: keeping the previous users: %s", exc)  # noqa: TRY400
             return
         self.users = users
-        logger.info("reload: %d users from %s", len(users), self.config.users_file)
+        self.config = dataclasses.replace(self.config, users_file=users_file)
+        logger.info("reload: %d users from %s", len(users), users_file)
 
     async def start(self) -> None:
         """Open the log, start the committer and the listeners.
@@ -1187,24 +1196,41 @@ class WsConnection(Connection):
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    """``ampsflow devbroker``: serve until SIGTERM/SIGINT; exit 1 when it cannot start."""
-    del args  # the CLI has already applied its flags to the config
-    configure_logging(config.logging, service="devbroker")
+    """``ampsflow devbroker``: serve until SIGTERM/SIGINT; exit 1 when it cannot start.
+
+    The shared lifecycle (:mod:`ampsflow.lifecycle`) takes the signals, pings the
+    watchdog from the event loop and reloads on SIGHUP: ``logging.*`` and
+    ``devbroker.users_file`` apply live (the users file is read again on every
+    reload); the listeners, data directory and log settings need a restart.
+    """
     # The commit thread needs the GIL back right after each fdatasync to hand the batch to
     # the event loop; CPython's default 5 ms switch interval would add that to every ack
     # and delivery while the loop is busy.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    return asyncio.run(_serve(config.devbroker))
+
+    def work(daemon: Daemon, telemetry: object) -> None:
+        del telemetry  # the broker emits no spans
+        asyncio.run(_serve(daemon))
+
+    return run_service(
+        config,
+        args,
+        service="devbroker",
+        service_name="devbroker",
+        work=work,
+        sections=("devbroker", "logging"),
+        live_keys=LIVE_KEYS_COMMON | {"devbroker.users_file"},
+        tracing=False,
+    )
 
 
-async def _serve(config: DevbrokerConfig) -> int:
+async def _serve(daemon: Daemon) -> None:
+    config = daemon.config.devbroker
     broker = Broker(config)
     try:
         await broker.start()
     except (TransactionLogError, AuthError, OSError, ValueError) as exc:
-        logger.error("devbroker cannot start: %s", exc)  # noqa: TRY400 - one line says it all
-        print(f"ampsflow devbroker: {exc}", file=sys.stderr)
-        return 1
+        raise StartupError(str(exc)) from exc
     tcp_host = parse_host_port(config.tcp)[0]
     ws_host = parse_host_port(config.websocket)[0]
     status = (
@@ -1212,31 +1238,11 @@ async def _serve(config: DevbrokerConfig) -> int:
         f"ws://{ws_host}:{broker.websocket_port}/amps/json"
     )
     logger.info("devbroker %s (data dir %s)", status, config.data_dir)
-    notifier = Notifier()
-    notifier.ready(status)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            logger.warning("second %s: exiting at once", signal.Signals(signum).name)
-            os._exit(1)
-        logger.info("%s received, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    def on_reload() -> None:
-        # `systemctl reload` and logrotate's postrotate send SIGHUP; without a handler its
-        # default action would end the broker. Log files reopen themselves (WatchedFileHandler).
-        notifier.reloading()
-        broker.reload_users()
-        notifier.ready(status)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    # Runs on the lifecycle's signal thread: reading the file there keeps the event
+    # loop serving, and replacing broker.users is one reference assignment.
+    daemon.on_reload(lambda _running, new: broker.reload_users(new.devbroker.users_file))
+    daemon.ready(status)
     try:
-        await stop.wait()
+        await serve_until_stopped(daemon)
     finally:
-        notifier.stopping()
         await broker.stop()
-    return 0

@@ -54,11 +54,12 @@ durable end of the pipeline: nothing that reached it is lost, the line is
 standard JSON whatever the body held, and ``ampsflow audit`` lists such lines.
 
 SIGHUP reopens the JSONL file between two batches (logrotate renames it, then
-signals). SIGTERM stops intake, commits what is in hand, discards it and
-returns; the shared lifecycle then flushes telemetry and exits 0. If the disk
-still refuses the batch after :data:`DRAIN_TIMEOUT_S` (or on a second
-SIGTERM), the persister stops without writing it: those messages were never
-discarded, so they are delivered again after the restart.
+signals); the shared lifecycle (:mod:`ampsflow.lifecycle`) re-reads the config.
+SIGTERM stops intake, commits what is in hand, discards it and returns; the
+lifecycle then flushes telemetry and exits 0. If the disk still refuses the
+batch after :data:`DRAIN_TIMEOUT_S`, the persister stops without writing it
+(a second SIGTERM exits at once): those messages were never discarded, so
+they are delivered again after the restart.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ from ampsflow.config import Config, PersisterConfig
 from ampsflow.core import transform
 from ampsflow.core.records import Provenance, build_line, build_raw_line, dedupe_key
 from ampsflow.errors import AmpsError, BadMessageError, RecordError, SinkError, StartupError
+from ampsflow.lifecycle import LIVE_KEYS_COMMON, LIVE_KEYS_TRACING, Daemon, run_service
 from ampsflow.messaging import MessageSource, Received
-from ampsflow.service import Daemon, run_daemon
 
 logger = logging.getLogger(__name__)
 
@@ -272,8 +273,11 @@ class Persister:
         return True
 
     def reopen(self, daemon: Daemon) -> None:
-        """Reopen the JSONL file (SIGHUP), between two batches."""
-        daemon.notifier.reloading()
+        """Reopen the JSONL file (SIGHUP), between two batches.
+
+        The lifecycle has announced the reload (``RELOADING=1`` ... ``READY=1``)
+        and re-read the config; this only moves the file handle.
+        """
         try:
             self._sink.reopen()
         except SinkError as exc:
@@ -283,7 +287,7 @@ class Persister:
         else:
             logger.info("reopened %s", self._sink.path)
             self._report_torn()
-        daemon.ready(f"persisting {self._topic} to {self._sink.path}")
+            daemon.status(f"persisting {self._topic} to {self._sink.path}")
 
     # -- steps ---------------------------------------------------------------
 
@@ -532,16 +536,19 @@ class Persister:
 
 def run(config: Config, args: argparse.Namespace) -> int:
     """``ampsflow persister``: run the daemon until SIGTERM; returns the exit status."""
-    return run_daemon(
+    return run_service(
         config,
         args,
         service="persister",
         service_name=config.persister.service_name,
         work=functools.partial(_work, config),
+        sections=("amps", "telemetry", "persister", "logging"),
+        live_keys=LIVE_KEYS_COMMON | LIVE_KEYS_TRACING,
     )
 
 
-def _work(config: Config, daemon: Daemon, telemetry: Telemetry) -> None:
+def _work(config: Config, daemon: Daemon, telemetry: Telemetry | None) -> None:
+    assert telemetry is not None  # run with tracing
     settings: PersisterConfig = config.persister
     sink = JsonlSink(settings.path, dedupe_window_lines=DEDUPE_WINDOW_LINES)
     try:

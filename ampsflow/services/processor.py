@@ -80,8 +80,8 @@ from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform
 from ampsflow.errors import AmpsError, BadMessageError, ConfigError, ConfigProblem, StartupError
+from ampsflow.lifecycle import LIVE_KEYS_COMMON, LIVE_KEYS_TRACING, Daemon, run_service
 from ampsflow.messaging import MessageSink, MessageSource, Received
-from ampsflow.service import Daemon, run_daemon
 
 logger = logging.getLogger(__name__)
 
@@ -417,9 +417,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
     instance = getattr(args, "instance", None)
     if instance:
         config = instance_config(config, instance)
+        load = getattr(args, "config_loader", None)
+        if load is not None:
+            # A reload compares like with like: the file as this instance sees it.
+            args.config_loader = lambda: instance_config(load(), instance)
     section = config.processor
 
-    def work(daemon: Daemon, telemetry: Telemetry) -> None:
+    def work(daemon: Daemon, telemetry: Telemetry | None) -> None:
+        assert telemetry is not None  # run with tracing
         client = AmpsClient(
             config.amps,
             service="processor",
@@ -469,8 +474,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
         finally:
             client.close()
 
-    return run_daemon(
-        config, args, service="processor", service_name=section.service_name, work=work
+    return run_service(
+        config,
+        args,
+        service="processor",
+        service_name=section.service_name,
+        work=work,
+        sections=("amps", "telemetry", "processor", "logging"),
+        live_keys=LIVE_KEYS_COMMON | LIVE_KEYS_TRACING,
     )
 
 

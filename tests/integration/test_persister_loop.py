@@ -22,8 +22,8 @@ from ampsflow.adapters.systemd import Notifier
 from ampsflow.adapters.telemetry import ORIGINAL_TRACE_ATTRIBUTE
 from ampsflow.config import TelemetryConfig
 from ampsflow.core.codec import TraceParent, encode_correlation_id
+from ampsflow.lifecycle import Daemon
 from ampsflow.messaging import Received
-from ampsflow.service import Daemon
 from ampsflow.services.persister import Persister
 from ampsflow.testing import FakeAmps, InMemoryTelemetry, in_memory_telemetry
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
 
-from ampsflow.config import Config, load_config, parse_config, parse_host_port, to_mapping
+from ampsflow.config import (
+    Config,
+    changed_keys,
+    load_config,
+    merge_keys,
+    parse_config,
+    parse_host_port,
+    to_mapping,
+)
 from ampsflow.errors import ConfigError
+from tests.strategies import config_mappings
 
 
 def problems_of(data: object) -> list[str]:
@@ -135,3 +147,43 @@ class TestHostPort:
         """Anything else is a ValueError naming the value."""
         with pytest.raises(ValueError, match="must be HOST:PORT"):
             parse_host_port(value)
+
+
+class TestReloadDiff:
+    def test_unchanged_config_has_no_changed_keys(self) -> None:
+        """Comparing a config with itself finds nothing."""
+        config = parse_config({"logging": {"level": "debug"}})
+        assert [] == changed_keys(config, config, ["logging", "processor"])
+
+    def test_changed_keys_are_dotted_paths_of_the_given_sections(self) -> None:
+        """Only keys of the listed sections are reported, as section.key."""
+        old = parse_config({})
+        new = parse_config({"logging": {"level": "debug"}, "marker": {"listen": "127.0.0.1:1"}})
+        assert ["logging.level"] == changed_keys(old, new, ["logging", "processor"])
+
+    def test_merge_takes_only_the_named_keys(self) -> None:
+        """merge_keys copies the named keys from the new config and keeps the rest."""
+        old = parse_config({})
+        new = parse_config(
+            {"logging": {"level": "debug"}, "processor": {"input_topic": "x"}}, source="new.yaml"
+        )
+        merged = merge_keys(old, new, ["logging.level"])
+        assert ("debug", "internal", "new.yaml") == (
+            merged.logging.level,
+            merged.processor.input_topic,
+            merged.source,
+        )
+
+    @given(old=config_mappings(), new=config_mappings())
+    def test_merging_every_changed_key_gives_the_new_config(
+        self, old: dict[str, Any], new: dict[str, Any]
+    ) -> None:
+        """Applying every changed key of every section turns the old config into the new one."""
+        before = parse_config(old, source="f")
+        after = parse_config(new, source="f")
+        sections = [f.name for f in dataclasses.fields(Config) if f.name != "source"]
+        changed = changed_keys(before, after, sections)
+        assert (after, []) == (
+            merge_keys(before, after, changed),
+            changed_keys(merge_keys(before, after, changed), after, sections),
+        )

@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from ampsflow.adapters.systemd import Notifier
 from ampsflow.config import ProcessorConfig, TelemetryConfig
 from ampsflow.core.codec import decode_correlation_id
-from ampsflow.service import Daemon
+from ampsflow.lifecycle import Daemon
 from ampsflow.services.processor import PROCESS_SPAN, Processor
 from ampsflow.testing import FakeAmps, InMemoryTelemetry, in_memory_telemetry
 

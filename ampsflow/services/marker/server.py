@@ -40,8 +40,6 @@ import hashlib
 import json
 import logging
 import re
-import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -50,11 +48,10 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from ampsflow.adapters.systemd import Notifier
 from ampsflow.config import Config, MarkerConfig, parse_host_port
 from ampsflow.core.journeys import JourneyIndex, summarise
 from ampsflow.errors import OtlpBodyError, StartupError
-from ampsflow.logs import configure_logging
+from ampsflow.lifecycle import LIVE_KEYS_COMMON, Daemon, run_service, serve_until_stopped
 from ampsflow.services.marker.guard import Guard
 from ampsflow.services.marker.otlp import decompress, span_records
 from ampsflow.services.marker.relay import Forwarder
@@ -754,15 +751,26 @@ def counters(app: web.Application) -> Counters:
     return app[_STATE].counters
 
 
-async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None:
-    """Serve until ``stop`` is set, then shut down gracefully.
+def apply_reload(app: web.Application, new: MarkerConfig) -> None:
+    """Use the live keys of a reloaded ``marker`` section (``jaeger_ui_url``).
+
+    The next ``/config.json`` carries the new value; a page already open keeps
+    the one it loaded until it is reloaded.
+    """
+    state = app[_STATE]
+    # One reference assignment, so it is safe from the lifecycle's signal thread.
+    state.config = dataclasses.replace(state.config, jaeger_ui_url=new.jaeger_ui_url)
+
+
+async def serve(daemon: Daemon) -> None:
+    """Serve until ``daemon.stop`` is set, then shut down gracefully.
 
     Raises:
         StartupError: when the page is missing or the address cannot be bound.
     """
-    marker = config.marker
+    marker = daemon.config.marker
     host, port = parse_host_port(marker.listen)
-    app = build_app(marker, dead_letter_topic=config.processor.dead_letter_topic)
+    app = build_app(marker, dead_letter_topic=daemon.config.processor.dead_letter_topic)
     runner = web.AppRunner(app, access_log=logger if logger.isEnabledFor(logging.DEBUG) else None)
     await runner.setup()
     try:
@@ -782,12 +790,9 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None
             marker.amps_websocket_upstream,
             marker.otlp_traces_upstream,
         )
-        notifier.ready(f"serving on {marker.listen}")
-        while not stop.is_set():
-            notifier.watchdog()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-        notifier.stopping()
+        daemon.on_reload(lambda _running, new: apply_reload(app, new.marker))
+        daemon.ready(f"serving on {marker.listen}")
+        await serve_until_stopped(daemon)
         logger.info("marker stopping")
     finally:
         await runner.cleanup()
@@ -795,41 +800,24 @@ async def serve(config: Config, stop: asyncio.Event, notifier: Notifier) -> None
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    """``ampsflow marker``: serve the page and its proxies until SIGTERM or SIGINT."""
-    del args  # --listen is already applied to config.marker by the CLI
-    configure_logging(config.logging, service="marker")
-    notifier = Notifier()
+    """``ampsflow marker``: serve the page and its proxies until SIGTERM or SIGINT.
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        signals = 0
+    The shared lifecycle (:mod:`ampsflow.lifecycle`) takes the signals, pings the
+    watchdog from the event loop and reloads on SIGHUP: ``logging.*`` and
+    ``marker.jaeger_ui_url`` apply live; every other ``marker`` key needs a restart.
+    """
 
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals > 1:
-                # A second signal: the operator does not want to wait.
-                logger.warning("second signal: exiting immediately")
-                sys.exit(1)
-            stop.set()
+    def work(daemon: Daemon, telemetry: object) -> None:
+        del telemetry  # the page's spans are proxied, the server emits none
+        asyncio.run(serve(daemon))
 
-        def on_reload() -> None:
-            # `systemctl reload` and logrotate's postrotate send SIGHUP; without a handler
-            # its default action would end the server. The marker holds no files open
-            # (log files reopen themselves), so a reload only acknowledges.
-            notifier.reloading()
-            logger.info("SIGHUP: nothing to reopen")
-            notifier.ready()
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal)
-        loop.add_signal_handler(signal.SIGHUP, on_reload)
-        await serve(config, stop, notifier)
-
-    try:
-        asyncio.run(main())
-    except StartupError as exc:
-        print(f"ampsflow marker: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service(
+        config,
+        args,
+        service="marker",
+        service_name="marker",
+        work=work,
+        sections=("marker", "logging", "processor.dead_letter_topic"),
+        live_keys=LIVE_KEYS_COMMON | {"marker.jaeger_ui_url"},
+        tracing=False,
+    )
