@@ -163,6 +163,9 @@ class DevbrokerConfig:
     retention_age_s: int | None = 7 * 24 * 3600
     commit_delay_ms: int = 1
     max_header_bytes: int = 64 * 1024
+    max_filter_bytes: int = 16 * 1024
+    max_filter_depth: int = 32
+    max_filter_in_list: int = 1000
     max_connections: int = 1000
     logon_timeout_s: float = 10.0
     max_concurrent_logons: int = 2
@@ -456,8 +459,9 @@ def _cross_checks(config: Config, source: str) -> list[ConfigProblem]:
     broker = config.devbroker
     if not 1024 <= broker.max_header_bytes <= broker.max_frame_bytes:
         bad("devbroker.max_header_bytes", "must be at least 1024 and at most max_frame_bytes")
-    if broker.max_connections == 0:
-        bad("devbroker.max_connections", "must be at least 1")
+    for key in ("max_filter_bytes", "max_filter_depth", "max_filter_in_list", "max_connections"):
+        if getattr(broker, key) == 0:
+            bad(f"devbroker.{key}", "must be at least 1")
     if broker.max_concurrent_logons == 0:
         bad("devbroker.max_concurrent_logons", "must be at least 1")
     if broker.logon_timeout_s == 0:

@@ -45,13 +45,27 @@ docs.crankuptheamps.com):
   evaluates to true matches. So ``/a != 1`` and ``NOT (/a = 1)`` do not match a
   message without ``/a``; ``IS NULL`` / ``IS NOT NULL`` are never unknown.
 - ``BETWEEN`` is inclusive on both ends; ``IN`` is the OR of ``=`` comparisons.
-- ``LIKE`` takes a regular expression (AMPS uses PCRE); here it is Python's
-  ``re``, compiled once at filter-compile time and applied with ``search``
-  (unanchored, as PCRE matching is by default). Python ``re`` covers the PCRE
-  subset AMPS documents (classes, anchors, quantifiers, groups, ``(?i)``); PCRE-
-  only constructs (``\\Q..\\E``, recursion, ``\\K``) raise FilterError. Numbers
-  are matched against their decimal text. A pathological pattern can backtrack
-  for a long time on a hostile value, as with PCRE; the devbroker sets no limit.
+- ``LIKE`` takes a regular expression. AMPS uses PCRE, a backtracking engine in
+  which a pattern such as ``^(a+)+$`` takes exponential time on a hostile value;
+  the devbroker uses RE2 (``google-re2``), whose matching time is linear in the
+  value's length, compiled once at filter-compile time and applied unanchored
+  (as PCRE matching is by default). RE2 covers the PCRE subset AMPS documents
+  (classes, anchors, quantifiers, groups, alternation, ``(?i)``, ``\\Q..\\E``).
+  What RE2 cannot express raises FilterError ``invalid LIKE regular expression``:
+  backreferences (``\\1``), lookahead and lookbehind, atomic groups, possessive
+  quantifiers, recursion, ``\\K``, repetition counts above 1000. Differences that
+  compile: ``$`` matches only at the very end (PCRE also before a final
+  newline), and ``\\d``, ``\\w``, ``\\s``, ``\\b`` are ASCII-only (as in PCRE
+  without UCP). A pattern whose compiled program exceeds
+  :attr:`FilterLimits.max_regex_program` instructions is refused too, since
+  matching costs up to program size times value length. Numbers are matched
+  against their decimal text; a string with lone surrogates (a JSON
+  ``"\\ud800"`` escape) is matched as its raw code units.
+- Size and shape: a filter longer than :attr:`FilterLimits.max_bytes` UTF-8
+  bytes, nested deeper than :attr:`FilterLimits.max_depth` (parentheses and
+  ``NOT``), or with an ``IN`` list of more than :attr:`FilterLimits.max_in_list`
+  items raises FilterError before any work proportional to it is done beyond
+  reading it, so compiling stays fast whatever a client sends.
 - Double-quoted strings are accepted as AMPS examples use them; backslashes are
   literal characters (so ``LIKE "^90\\..*"`` is the regex ``^90\\..*``).
 - Not supported (FilterError): functions, arithmetic, ``TOPIC_MATCH``, raw
@@ -59,8 +73,12 @@ docs.crankuptheamps.com):
 
 Topics: as the AMPS User Guide ("Topics") says, a topic containing regular
 expression characters is a regular expression; other topics match exactly.
-A regex topic is applied with ``re.search`` (unanchored; AMPS does not document
-anchoring, PCRE's default is unanchored, so write ``^orders$`` to anchor).
+A regex topic is an RE2 regular expression like ``LIKE`` patterns, applied
+unanchored (AMPS does not document anchoring, PCRE's default is unanchored, so
+write ``^orders$`` to anchor).
+
+Evaluation never raises: a body the compiled predicate cannot evaluate (any
+exception, e.g. a RecursionError on a pathological object) is "no match".
 """
 
 from __future__ import annotations
@@ -69,9 +87,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import re2
+
 from ampsflow.errors import FilterError, TopicError
 
-__all__ = ["compile_filter", "compile_topic", "is_regex_topic"]
+__all__ = ["FilterLimits", "compile_filter", "compile_topic", "is_regex_topic"]
 
 Value = int | float | str | None
 """A normalized operand value: a number, a non-empty string, or None (NULL)."""
@@ -79,8 +99,27 @@ Getter = Callable[[object], Value]
 Tri = Callable[[object], bool | None]
 """A compiled condition: True, False, or None for SQL's unknown."""
 
-MAX_NESTING = 100
-"""Deepest nesting of parentheses and NOT accepted, so compiling never overflows the stack."""
+MAX_NESTING = 32
+"""Default deepest nesting of parentheses and NOT (so compiling never overflows the stack)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FilterLimits:
+    """Bounds on what :func:`compile_filter` accepts (the broker's ``max_filter_*`` keys)."""
+
+    max_bytes: int = 16 * 1024
+    """Longest filter, in UTF-8 bytes."""
+    max_depth: int = MAX_NESTING
+    """Deepest nesting of parentheses and NOT."""
+    max_in_list: int = 1000
+    """Most items in one IN list."""
+    max_regex_program: int = 2000
+    """Largest compiled RE2 program (instructions) of a LIKE pattern or regex topic."""
+
+
+DEFAULT_LIMITS = FilterLimits()
+_RE2_MAX_MEM = 1 << 20
+"""RE2 memory budget per regular expression (its DFA cache), bytes."""
 
 _KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "BETWEEN", "LIKE", "IS", "NULL", "TRUE", "FALSE"})
 _CMP_OPS = ("<=", ">=", "<>", "!=", "==", "=", "<", ">")
@@ -293,10 +332,11 @@ def _path_getter(segments: tuple[str, ...]) -> Getter:
 
 
 class _Parser:
-    def __init__(self, tokens: list[_Token]) -> None:
+    def __init__(self, tokens: list[_Token], limits: FilterLimits) -> None:
         self.tokens = tokens
         self.pos = 0
         self.depth = 0
+        self.limits = limits
 
     @property
     def tok(self) -> _Token:
@@ -348,8 +388,8 @@ class _Parser:
     def not_expr(self) -> Tri:
         tok = self.tok
         self.depth += 1
-        if self.depth > MAX_NESTING:
-            raise FilterError(f"nesting deeper than {MAX_NESTING} at column {tok.column}")
+        if self.depth > self.limits.max_depth:
+            raise FilterError(f"nesting deeper than {self.limits.max_depth} at column {tok.column}")
         try:
             if self.at_word("NOT"):
                 self.advance()
@@ -412,7 +452,8 @@ class _Parser:
             cond = _between(left, low, high)
         elif self.at_word("LIKE"):
             self.advance()
-            cond = _like(left, self.expect("string", "a quoted regular expression after LIKE"))
+            pattern = self.expect("string", "a quoted regular expression after LIKE")
+            cond = _like(left, pattern, self.limits)
         else:
             raise self.error(
                 "IN, BETWEEN or LIKE after NOT"
@@ -427,6 +468,11 @@ class _Parser:
             raise FilterError(f"empty IN list at column {self.tok.column}")
         items = [self.operand()]
         while self.tok.kind == ",":
+            if len(items) >= self.limits.max_in_list:
+                raise FilterError(
+                    f"IN list longer than {self.limits.max_in_list} items at column "
+                    f"{self.tok.column}"
+                )
             self.advance()
             items.append(self.operand())
         self.expect(")", "',' or ')' in IN list")
@@ -516,13 +562,57 @@ def _between(left: _Operand, low: _Operand, high: _Operand) -> Tri:
     return _and([_comparison(left, ">=", low), _comparison(left, "<=", high)])
 
 
-def _like(left: _Operand, pattern_tok: _Token) -> Tri:
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print every refused pattern to stderr
+    options.never_capture = True  # a yes/no answer lets RE2 use its DFA
+    options.max_mem = _RE2_MAX_MEM
+    return options
+
+
+_RE2_OPTIONS = _re2_options()
+
+
+def _regex(pattern: str, limits: FilterLimits) -> Callable[[bytes], bool]:
+    """Compile ``pattern`` with RE2; return a predicate over UTF-8 bytes.
+
+    Raises:
+        ValueError: RE2 cannot compile it, or its program is too large (the message says).
+    """
+    try:
+        compiled = re2.compile(pattern, options=_RE2_OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "replace")
+        raise ValueError(str(detail)) from None
+    except (TypeError, UnicodeError) as exc:
+        raise ValueError(f"pattern is not UTF-8 text ({exc})") from None
+    if compiled.programsize > limits.max_regex_program:
+        raise ValueError(
+            f"compiled program of {compiled.programsize} instructions exceeds "
+            f"{limits.max_regex_program}"
+        )
+    search = compiled.search
+
+    def matches(value: bytes) -> bool:
+        return search(value) is not None
+
+    return matches
+
+
+def _utf8(text: str) -> bytes:
+    # surrogatepass: a lone surrogate from a JSON escape is matched as its code unit
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _like(left: _Operand, pattern_tok: _Token, limits: FilterLimits) -> Tri:
     pattern = str(pattern_tok.value)
     try:
-        search = re.compile(pattern).search
-    except (re.error, OverflowError, RecursionError) as exc:
+        search = _regex(pattern, limits)
+    except ValueError as exc:
         raise FilterError(
-            f"invalid LIKE regular expression {pattern_tok.text} at column "
+            f"invalid LIKE regular expression {pattern_tok.text[:200]} at column "
             f"{pattern_tok.column}: {exc}"
         ) from None
     get = left.get
@@ -531,7 +621,7 @@ def _like(left: _Operand, pattern_tok: _Token) -> Tri:
         v = get(body)
         if v is None:
             return None
-        return search(v if type(v) is str else repr(v)) is not None
+        return search(_utf8(v) if type(v) is str else repr(v).encode("ascii"))
 
     return like
 
@@ -583,20 +673,39 @@ def _match_all(_body: object) -> bool:
 # --- public API ---------------------------------------------------------------------------------
 
 
-def compile_filter(text: str | None) -> Callable[[object], bool]:
+def compile_filter(
+    text: str | None,
+    limits: FilterLimits = DEFAULT_LIMITS,
+    on_error: Callable[[Exception], None] | None = None,
+) -> Callable[[object], bool]:
     """Compile an AMPS content filter into a predicate over a JSON-decoded body.
 
     ``None``, ``""`` and whitespace match everything. The predicate never
-    raises; it returns True only when the filter evaluates to true. Raises
-    :class:`FilterError` (message: what and at which column) for anything the
-    grammar in this module's docstring does not accept.
+    raises; it returns True only when the filter evaluates to true, and False for
+    a body it cannot evaluate (after passing the exception to ``on_error``, for a
+    counter). Raises :class:`FilterError` (message: what and at which column) for
+    anything the grammar in this module's docstring does not accept or that
+    exceeds ``limits``.
     """
-    if text is None or not text.strip():
+    if text is None:
         return _match_all
-    cond = _Parser(_tokenize(text)).parse()
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.max_bytes:
+        raise FilterError(f"filter of {size} bytes is longer than {limits.max_bytes}")
+    if not text.strip():
+        return _match_all
+    try:
+        cond = _Parser(_tokenize(text), limits).parse()
+    except RecursionError:  # only if the caller's stack was nearly full already
+        raise FilterError("filter is nested too deeply") from None
 
     def matches(body: object) -> bool:
-        return cond(body) is True
+        try:
+            return cond(body) is True
+        except Exception as exc:  # a body that cannot be evaluated does not match
+            if on_error is not None:
+                on_error(exc)
+            return False
 
     return matches
 
@@ -606,13 +715,14 @@ def is_regex_topic(topic: str) -> bool:
     return any(ch in _TOPIC_REGEX_CHARS for ch in topic)
 
 
-def compile_topic(topic: str) -> Callable[[str], bool]:
+def compile_topic(topic: str, limits: FilterLimits = DEFAULT_LIMITS) -> Callable[[str], bool]:
     """Compile a subscription topic into a predicate over published topic names.
 
-    A literal topic matches only itself; a topic with regex characters is a
-    regular expression applied with ``re.search``. Raises
-    :class:`TopicError` with reason ``invalid topic`` for an empty name or one
-    with control characters, ``bad regex topic`` for a regex that does not compile.
+    A literal topic matches only itself; a topic with regex characters is an RE2
+    regular expression applied unanchored. Raises :class:`TopicError` with reason
+    ``invalid topic`` for an empty name or one with control characters, ``bad regex
+    topic`` for a regex RE2 cannot compile or whose program exceeds
+    ``limits.max_regex_program``. The predicate never raises.
     """
     if not topic or not topic.strip():
         raise TopicError("invalid topic", "topic is empty")
@@ -622,11 +732,11 @@ def compile_topic(topic: str) -> Callable[[str], bool]:
     if not is_regex_topic(topic):
         return topic.__eq__
     try:
-        search = re.compile(topic).search
-    except (re.error, OverflowError, RecursionError) as exc:
-        raise TopicError("bad regex topic", f"{topic!r}: {exc}") from None
+        search = _regex(topic, limits)
+    except ValueError as exc:
+        raise TopicError("bad regex topic", f"{topic[:200]!r}: {exc}") from None
 
     def matches(name: str) -> bool:
-        return search(name) is not None
+        return search(_utf8(name))
 
     return matches

@@ -26,7 +26,12 @@ from ampsflow.config import DevbrokerConfig
 from ampsflow.devbroker import protocol
 from ampsflow.devbroker.auth import Users
 from ampsflow.devbroker.bookmarks import ReplaySpec, parse_bookmark, publisher_id
-from ampsflow.devbroker.filters import compile_filter, compile_topic, is_regex_topic
+from ampsflow.devbroker.filters import (
+    FilterLimits,
+    compile_filter,
+    compile_topic,
+    is_regex_topic,
+)
 from ampsflow.devbroker.txlog import TransactionLog
 from ampsflow.errors import BookmarkError, FilterError, ProtocolError, TopicError
 
@@ -588,7 +593,12 @@ class Connection:
             return
         refused = opts & UNSUPPORTED_OPTIONS
         if refused:
-            logger.info("%r: subscribe %s refused: options %s", self, sub_id, sorted(refused))
+            logger.info(
+                "%r: subscribe %s refused: options %s",
+                self,
+                protocol.excerpt(sub_id),
+                protocol.excerpt(sorted(refused)),
+            )
             self.nack(header, "invalid options")
             return
         if sub_id in self.subs and "replace" not in opts:
@@ -598,21 +608,40 @@ class Connection:
             self.broker.queues.subscribe(self, header, sub_id)
             return
         try:
-            matches_topic = compile_topic(topic)
+            config = self.broker.config
+            limits = FilterLimits(
+                max_bytes=config.max_filter_bytes,
+                max_depth=config.max_filter_depth,
+                max_in_list=config.max_filter_in_list,
+            )
+            matches_topic = compile_topic(topic, limits)
             text = header.get("filter")
-            matches_body = compile_filter(str(text)) if text else None
+            matches_body = compile_filter(str(text), limits, self._filter_failed) if text else None
             bookmark = header.get("bm")
             spec = parse_bookmark(str(bookmark)) if bookmark not in (None, "") else None
         except TopicError as exc:
-            logger.info("%r: subscribe %s refused: %s %s", self, sub_id, exc.reason, exc.detail)
+            logger.info(
+                "%r: subscribe %s refused: %s %s",
+                self,
+                protocol.excerpt(sub_id),
+                exc.reason,
+                exc.detail[:300],
+            )
             self.nack(header, exc.reason)
             return
         except FilterError as exc:
-            logger.info("%r: subscribe %s refused: bad filter: %s", self, sub_id, exc)
+            logger.info(
+                "%r: subscribe %s refused: bad filter: %s",
+                self,
+                protocol.excerpt(sub_id),
+                str(exc)[:300],
+            )
             self.nack(header, "bad filter")
             return
         except BookmarkError as exc:
-            logger.info("%r: subscribe %s refused: %s", self, sub_id, exc)
+            logger.info(
+                "%r: subscribe %s refused: %s", self, protocol.excerpt(sub_id), str(exc)[:300]
+            )
             self.nack(header, "invalid bookmark")
             return
         types = protocol.ack_types(header)
@@ -635,6 +664,12 @@ class Connection:
         self.subs[sub_id] = sub
         self.send_acks(header, [t for t in types if t in (*_IMMEDIATE_ACKS, "processed")])
         self.broker.add_subscription(sub, spec)
+
+    def _filter_failed(self, exc: Exception) -> None:
+        # The fan-out logs undecodable bodies; a failure inside the predicate is rarer
+        # still (an exhausted stack): count it with them.
+        self.broker.counters.filter_errors += 1
+        logger.debug("%r: filter evaluation failed: %s", self, exc)
 
     def _unsubscribe(self, header: Header) -> None:
         wanted = str(header.get("sub_id", "all") or "all")

@@ -392,3 +392,48 @@ class TestPasswordChecks:
             assert raw.recv_header()["reason"] == "auth failure"
             raw.close()
         assert (during, peak[0], len(calls)) == ((2, 2), 2, 12)
+
+
+class TestFilters:
+    def test_backtracking_regex_filter_does_not_stall_the_broker(self, start_broker):
+        """A LIKE filter that backtracks exponentially in PCRE (^(a+)+$ on 40 a's and a b)
+        is evaluated in linear time: the subscriber gets the matching message right after,
+        and everyone else is served."""
+        broker = start_broker()
+        got: list[str] = []
+        client = AMPS.Client("regex-sub")
+        client.connect(broker.tcp_uri)
+        client.logon()
+        try:
+            client.subscribe(lambda m: got.append(m.get_data()), "rx", "/s LIKE '^(a+)+$'")
+            client.publish("rx", json.dumps({"s": "a" * 40 + "b"}))
+            client.publish("rx", '{"s":"aaa"}')
+            wait_until(lambda: bool(got), "the matching message")
+            assert (got, official_roundtrip(broker)) == (['{"s":"aaa"}'], '{"still":"serving"}')
+        finally:
+            client.close()
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "/a = 1 OR " * 1700 + "/a = 2",
+            "/a IN (" + ",".join(["1"] * 1001) + ")",
+            "/a LIKE '(x)\\1'",
+        ],
+        ids=["longer-than-max_filter_bytes", "in-list-over-max", "backreference"],
+    )
+    def test_filter_over_the_limits_is_a_bad_filter(self, start_broker, text):
+        """Filters beyond the size, IN-list and RE2 limits raise BadFilterException in the
+        official client; the connection stays usable."""
+        broker = start_broker()
+        client = AMPS.Client("filter-limits")
+        client.connect(broker.tcp_uri)
+        client.logon()
+        try:
+            with pytest.raises(AMPS.BadFilterException):
+                client.subscribe(lambda _m: None, "limits", text)
+            client.publish("limits", "{}")
+            client.publish_flush(5000)
+        finally:
+            client.close()
+        assert broker.counter("published") == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from ampsflow.devbroker.filters import (
     MAX_NESTING,
+    FilterLimits,
     compile_filter,
     compile_topic,
     is_regex_topic,
@@ -550,10 +553,112 @@ def test_in_list_may_hold_fields() -> None:
     ]
 
 
-def test_pcre_only_like_syntax_is_a_filter_error() -> None:
-    """A LIKE pattern Python's re cannot compile (PCRE's \\Q) is rejected at compile time."""
+@pytest.mark.parametrize(
+    "pattern",
+    ["(a)\\1", "a(?=b)", "(?<=a)b", "(?>a+)", "a++", "(?R)", "a\\Kb", "a{1001}"],
+    ids=["backreference", "lookahead", "lookbehind", "atomic", "possessive", "recursion",
+         "keep-out", "huge-count"],
+)  # fmt: skip
+def test_pcre_only_like_syntax_is_a_filter_error(pattern: str) -> None:
+    """A PCRE construct RE2 cannot run in linear time is refused at compile time."""
     with pytest.raises(FilterError, match="invalid LIKE regular expression"):
-        compile_filter("/a LIKE '\\Qx\\E'")
+        compile_filter(f"/a LIKE '{pattern}'")
+
+
+def test_quoted_literal_like_works_as_in_pcre() -> None:
+    """RE2 has PCRE's \\Q..\\E literal quoting."""
+    assert [matches("/a LIKE '\\Qa.b\\E'", {"a": v}) for v in ("xa.by", "axb")] == [True, False]
+
+
+# --- limits: nothing a client sends can make compiling or matching slow -------------------------
+
+
+def test_catastrophic_backtracking_pattern_is_linear() -> None:
+    """^(a+)+$ against a long run of a's and one b: exponential in a backtracking engine
+    (27 characters took 6.8 s), immediate here, with any length."""
+    f = compile_filter("/s LIKE '^(a+)+$'")
+    assert [f({"s": "a" * 100_000 + "b"}), f({"s": "a" * 100_000})] == [False, True]
+
+
+def test_regex_program_above_the_limit_is_refused() -> None:
+    """A pattern that compiles to a huge program is refused (matching costs program size
+    times value length)."""
+    limits = FilterLimits(max_regex_program=100)
+    with pytest.raises(FilterError, match="instructions exceeds 100"):
+        compile_filter("/a LIKE '(x[ab]{150}y)'", limits)
+    assert compile_filter("/a LIKE 'x[ab]{5}y'", limits)({"a": "xababay"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("(" * 5_000_000 + "/a = 1" + ")" * 5_000_000, "bytes is longer than 16384"),
+        ("/a IN (" + ",".join(["1"] * 1_000_000) + ")", "bytes is longer than 16384"),
+    ],
+    ids=["5M-parentheses", "1M-in-list"],
+)
+def test_oversized_filter_is_refused_before_parsing(text: str, message: str) -> None:
+    """Filters that took 21 s and 9.8 s to parse are refused from their length."""
+    with pytest.raises(FilterError, match=message):
+        compile_filter(text)
+
+
+def test_in_list_above_the_limit_is_refused() -> None:
+    """An IN list longer than max_in_list is refused, naming the limit and where."""
+    limits = FilterLimits(max_in_list=3)
+    with pytest.raises(FilterError, match="IN list longer than 3 items at column 13"):
+        compile_filter("/a IN (1,2,3,4)", limits)
+    assert compile_filter("/a IN (1,2,3)", limits)({"a": 3})
+
+
+def test_nesting_limit_is_configurable() -> None:
+    """max_depth bounds parentheses and NOT together."""
+    limits = FilterLimits(max_depth=3)
+    with pytest.raises(FilterError, match="nesting deeper than 3"):
+        compile_filter("NOT ((/a = 1))", limits)
+    assert compile_filter("NOT (/a = 1)", limits)({"a": 2})
+
+
+def test_surrogate_in_value_does_not_raise() -> None:
+    """A lone surrogate in a body string (valid JSON escape) is matched, not an error."""
+    body = json.loads('{"s":"x\\ud800y"}')
+    assert [matches("/s LIKE 'x.y'", body), matches("/s LIKE '^z'", body)] == [True, False]
+
+
+def test_body_that_cannot_be_evaluated_does_not_match() -> None:
+    """Evaluation that fails (here: the stack runs out inside a nested filter) is no
+    match, never an exception."""
+    errors: list[Exception] = []
+    f = compile_filter("NOT " * 31 + "/a = 2", on_error=errors.append)
+    depth = len(inspect.stack())
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth + 20)
+    try:
+        result = f({"a": 1})
+    finally:
+        sys.setrecursionlimit(limit)
+    assert (result, f({"a": 1}), [type(e) for e in errors]) == (False, True, [RecursionError])
+
+
+def test_deeply_nested_body_evaluates() -> None:
+    """A 100,000-level nested object is walked only as deep as the filter's paths."""
+    body: object = {}
+    for _ in range(100_000):
+        body = {"a": body}
+    body = {"x": 5, "a": body}
+    assert [matches("/x = 5 AND /a/a/a IS NULL", body), matches("/b = 1", body)] == [True, False]
+
+
+def test_regex_topic_uses_linear_matching() -> None:
+    """A regex topic is RE2 too: a pathological pattern is instant, a backreference refused."""
+    m = compile_topic("^(a+)+$")
+    with pytest.raises(TopicError):
+        compile_topic("(a)\\1")
+    assert [m("a" * 100_000 + "b"), m("aaa"), compile_topic("x.")("x\ud800")] == [
+        False,
+        True,
+        True,
+    ]
 
 
 @settings(max_examples=300, deadline=None)
