@@ -33,6 +33,7 @@ _RUNNERS = {
     "demo": "ampsflow.services.demo",
     "setup-system": "ampsflow.services.setup_system",
     "audit": "ampsflow.services.audit",
+    "journey": "ampsflow.services.journey",
 }
 
 
@@ -136,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", type=Path, default=Path("/"), help="install below this root (packaging, tests)"
     )
     p.add_argument("--no-user", action="store_true", help="do not create the system user")
+
+    p = command("journey", "Print a message's journey from the marker's index and its JSONL line.")
+    p.add_argument("id", metavar="ID", help="a message id or a 32-hex trace id")
+    p.add_argument(
+        "--marker",
+        metavar="URL",
+        help="the marker's base URL (default: http://<marker.listen> from the config)",
+    )
 
     p = command("audit", "Reconcile published message ids against a JSONL file.", config=False)
     p.add_argument(

@@ -138,7 +138,8 @@ def summarise(spans: Iterable[SpanRecord], *, dead_letter_topic: str | None) -> 
     ``persisted``, ``dead-lettered``, ``failed`` or ``unknown``), ``failed``,
     ``error`` (the first failed hop's text), ``hops`` (``publish``, ``process``,
     ``persist`` as present, with service, duration, status, error, fsync'd),
-    ``total_ms`` (first start to last end of the hops), ``start_ns`` and ``spans``.
+    ``total_ms`` (first hop's start to the persist's end; None until persisted),
+    ``start_ns`` and ``spans``.
     """
     ordered = sorted(spans, key=lambda s: (s.start_ns, s.span_id))
     trace_id = ordered[0].trace_id if ordered else ""
@@ -185,11 +186,12 @@ def summarise(spans: Iterable[SpanRecord], *, dead_letter_topic: str | None) -> 
         state = "failed"
         if error is None:
             error = next(_error_text(s) for s in ordered if s.status == "ERROR")
+    # End to end: from the first hop's start to the end of the persist (the
+    # publish span itself lasts until the broker's ack, which may come later).
     total_ms = None
-    if hops:
-        total_ms = round(
-            (max(h["end_ns"] for h in hops) - min(h["start_ns"] for h in hops)) / 1e6, 3
-        )
+    persisted = [h for h in hops if h["hop"] == "persisted" and h["status"] != "ERROR"]
+    if hops and persisted:
+        total_ms = round((persisted[-1]["end_ns"] - min(h["start_ns"] for h in hops)) / 1e6, 3)
     return {
         "trace_id": trace_id,
         "message_id": message_id_of(ordered),

@@ -13,6 +13,7 @@ import {
   uuid4,
 } from "./marks.js";
 import { createTracing, recordPublishFailure, startPublishSpan } from "./tracing.js";
+import { formatMs, journeysReducer, markProgress, recentJourneys, waterfall } from "./journeys.js";
 
 const fillRandom = (bytes) => crypto.getRandomValues(bytes);
 
@@ -72,24 +73,236 @@ function StatusCell({ mark }) {
   );
 }
 
-function MarkRow({ mark, jaegerUiUrl }) {
-  const link = traceUrl(jaegerUiUrl, mark.traceId);
+function JourneyCell({ progress }) {
   return (
-    <tr className="mark" data-mark-id={mark.id} data-trace-id={mark.traceId}>
-      <td className="time">{formatTime(mark.createdAt)}</td>
-      <td className="text">{mark.text}</td>
-      <td className="mono message-id">{mark.id}</td>
-      <td className="mono trace-id">{mark.traceId}</td>
-      <StatusCell mark={mark} />
-      <td className="trace-link">
-        {link ? (
-          <a href={link} target="_blank" rel="noopener noreferrer">
-            open trace
-          </a>
-        ) : null}
-      </td>
-    </tr>
+    <td className="journey" data-journey-state={progress.state ?? "none"}>
+      <ol className="hops">
+        {progress.steps.map((step) => (
+          <li
+            key={`${step.hop}-${step.service}`}
+            className={`hop ${step.failed ? "hop-failed" : "hop-ok"}`}
+            data-hop={step.hop}
+            data-failed={step.failed ? "true" : "false"}
+          >
+            <span className="hop-name">{step.failed ? `${step.hop} failed` : step.hop}</span>
+            <span className="hop-detail">
+              {step.service}
+              {step.hop === "persisted" && step.fsynced ? ", fsync'd" : ""}, {formatMs(step.ms)}
+            </span>
+          </li>
+        ))}
+      </ol>
+      {progress.totalMs !== null ? (
+        <span className="journey-total" data-total-ms={progress.totalMs}>
+          total {formatMs(progress.totalMs)} end to end
+        </span>
+      ) : null}
+      {progress.error ? <span className="journey-error">{progress.error}</span> : null}
+      {progress.waiting ? <span className="journey-waiting">{progress.waiting}</span> : null}
+    </td>
   );
+}
+
+function Waterfall({ journey }) {
+  if (!journey) {
+    return <p className="empty">No spans of this trace have reached the marker yet.</p>;
+  }
+  const { totalMs, bars } = waterfall(journey.spans);
+  return (
+    <div className="waterfall" data-trace-id={journey.trace_id}>
+      <p className="waterfall-head">
+        {bars.length} spans over {formatMs(totalMs)}
+      </p>
+      {bars.map(({ span, offset, width, startMs }) => (
+        <div className={`wf-row ${span.status === "ERROR" ? "wf-failed" : ""}`} key={span.span_id} data-span-name={span.name}>
+          <div className="wf-label">
+            <span className="wf-name">{span.name}</span>
+            <span className="wf-service">{span.service}</span>
+          </div>
+          <div className="wf-track">
+            <div className="wf-bar" style={{ marginLeft: `${offset * 100}%`, width: `${width * 100}%` }} />
+          </div>
+          <div className="wf-time">
+            +{formatMs(startMs)} · {formatMs(span.duration_ms)}
+          </div>
+          <details className="wf-attrs">
+            <summary>attributes</summary>
+            <dl>
+              {span.status !== "UNSET" ? (
+                <div>
+                  <dt>status</dt>
+                  <dd>
+                    {span.status}
+                    {span.status_message ? `: ${span.status_message}` : ""}
+                  </dd>
+                </div>
+              ) : null}
+              {Object.entries(span.attributes).map(([key, value]) => (
+                <div key={key}>
+                  <dt>{key}</dt>
+                  <dd>{String(value)}</dd>
+                </div>
+              ))}
+              {span.events.length ? (
+                <div>
+                  <dt>events</dt>
+                  <dd>{span.events.join(", ")}</dd>
+                </div>
+              ) : null}
+            </dl>
+          </details>
+        </div>
+      ))}
+    </div>
+  );
+}
+
+function MarkRow({ mark, journey, jaegerUiUrl, now, stallS, expanded, onToggle }) {
+  const link = traceUrl(jaegerUiUrl, mark.traceId);
+  const progress = markProgress(mark, journey, now, stallS);
+  return (
+    <>
+      <tr
+        className={`mark ${progress.error ? "mark-failed" : ""}`}
+        data-mark-id={mark.id}
+        data-trace-id={mark.traceId}
+        onClick={onToggle}
+        aria-expanded={expanded}
+      >
+        <td className="time">{formatTime(mark.createdAt)}</td>
+        <td className="text">{mark.text}</td>
+        <td className="mono message-id">{mark.id}</td>
+        <td className="mono trace-id">{mark.traceId}</td>
+        <StatusCell mark={mark} />
+        <JourneyCell progress={progress} />
+        <td className="trace-link">
+          {link ? (
+            <a href={link} target="_blank" rel="noopener noreferrer" onClick={(e) => e.stopPropagation()}>
+              open trace
+            </a>
+          ) : null}
+        </td>
+      </tr>
+      {expanded ? (
+        <tr className="mark-detail">
+          <td colSpan={7}>
+            <Waterfall journey={journey} />
+          </td>
+        </tr>
+      ) : null}
+    </>
+  );
+}
+
+function RecentJourneys({ journeys }) {
+  const [failedOnly, setFailedOnly] = useState(false);
+  const [open, setOpen] = useState(null);
+  const list = recentJourneys(journeys, { failedOnly });
+  return (
+    <section className="panel" id="recent-journeys">
+      <div className="list-header">
+        <h2>Recent journeys</h2>
+        <label className="filter">
+          <input
+            id="failed-only"
+            type="checkbox"
+            checked={failedOnly}
+            onChange={(e) => setFailedOnly(e.target.checked)}
+          />
+          failed only
+        </label>
+      </div>
+      {list.length === 0 ? (
+        <p className="empty">{failedOnly ? "No failed journeys." : "No journeys seen by the marker yet."}</p>
+      ) : (
+        <div className="table-wrap">
+          <table id="journeys">
+            <thead>
+              <tr>
+                <th>Start</th>
+                <th>Message id</th>
+                <th>Trace id</th>
+                <th>State</th>
+                <th>Hops</th>
+              </tr>
+            </thead>
+            <tbody>
+              {list.map((j) => (
+                <JourneyRow
+                  key={j.trace_id}
+                  journey={j}
+                  expanded={open === j.trace_id}
+                  onToggle={() => setOpen(open === j.trace_id ? null : j.trace_id)}
+                />
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
+    </section>
+  );
+}
+
+function JourneyRow({ journey, expanded, onToggle }) {
+  const failed = journey.failed || journey.state === "dead-lettered";
+  return (
+    <>
+      <tr
+        className={`journey-row ${failed ? "journey-failed" : ""}`}
+        data-trace-id={journey.trace_id}
+        data-state={journey.state}
+        onClick={onToggle}
+        aria-expanded={expanded}
+      >
+        <td className="time">{journey.start_ns ? formatTime(new Date(journey.start_ns / 1e6)) : ""}</td>
+        <td className="mono">{journey.message_id ?? ""}</td>
+        <td className="mono">{journey.trace_id}</td>
+        <td className={`journey-state state-${journey.state}`}>
+          <span className="status-label">{journey.state}</span>
+          {journey.error ? <span className="journey-error">{journey.error}</span> : null}
+        </td>
+        <td className="journey-hops">
+          {journey.hops.map((h) => `${h.hop} ${formatMs(h.duration_ms)}`).join(" → ")}
+        </td>
+      </tr>
+      {expanded ? (
+        <tr className="mark-detail">
+          <td colSpan={5}>
+            <Waterfall journey={journey} />
+          </td>
+        </tr>
+      ) : null}
+    </>
+  );
+}
+
+/** Journeys from the marker: one GET, then server-sent pushes (no polling). */
+function useJourneys() {
+  const [journeys, dispatch] = useReducer(journeysReducer, new Map());
+  const [live, setLive] = useState(false);
+  useEffect(() => {
+    let cancelled = false;
+    fetch("/api/journeys?limit=200", { cache: "no-store" })
+      .then((r) => (r.ok ? r.json() : { journeys: [] }))
+      .then((body) => !cancelled && dispatch({ type: "loaded", journeys: body.journeys }))
+      .catch(() => {});
+    // EventSource reconnects by itself after an error.
+    const source = new EventSource("/api/journeys/events");
+    source.onopen = () => setLive(true);
+    source.onerror = () => setLive(false);
+    source.addEventListener("journey", (event) => {
+      try {
+        dispatch({ type: "updated", journey: JSON.parse(event.data) });
+      } catch {
+        // A malformed push is ignored; the next one replaces the journey.
+      }
+    });
+    return () => {
+      cancelled = true;
+      source.close();
+    };
+  }, []);
+  return { journeys, live };
 }
 
 function Marker({ config }) {
@@ -97,6 +310,10 @@ function Marker({ config }) {
   const [marks, dispatch] = useReducer(marksReducer, []);
   const [text, setText] = useState("");
   const [burst, setBurst] = useState(10);
+  const [expanded, setExpanded] = useState(null);
+  const { journeys, live } = useJourneys();
+  const stallS = config.journey_stall_s ?? 10;
+  const now = useNow(marks.some((m) => m.status === "published"));
   const ampsRef = useRef(null);
   const url = useMemo(() => ampsUrl(config.amps_websocket_url, window.location), [config]);
   const tracing = useMemo(
@@ -144,7 +361,7 @@ function Marker({ config }) {
       published.then(
         () => {
           span.end();
-          dispatch({ type: "settled", id, status: "published" });
+          dispatch({ type: "settled", id, status: "published", at: new Date() });
         },
         (error) => {
           recordPublishFailure(span, error);
@@ -229,7 +446,10 @@ function Marker({ config }) {
             <div>
               <dt>Traces</dt>
               <dd id="traces-note">
-                {config.traces_enabled ? "exported via /v1/traces" : "not exported (no collector configured)"}
+                {config.traces_upstream
+                  ? "relayed by the marker and forwarded to the collector"
+                  : "relayed by the marker (no collector configured)"}
+                {live ? " · journeys live" : " · journeys reconnecting…"}
               </dd>
             </div>
           </dl>
@@ -255,6 +475,7 @@ function Marker({ config }) {
                     <th>Message id</th>
                     <th>Trace id</th>
                     <th>Status</th>
+                    <th>Journey</th>
                     <th>
                       <span className="visually-hidden">Trace</span>
                     </th>
@@ -262,13 +483,23 @@ function Marker({ config }) {
                 </thead>
                 <tbody>
                   {marks.map((mark) => (
-                    <MarkRow key={mark.id} mark={mark} jaegerUiUrl={config.jaeger_ui_url} />
+                    <MarkRow
+                      key={mark.id}
+                      mark={mark}
+                      journey={journeys.get(mark.traceId)}
+                      jaegerUiUrl={config.jaeger_ui_url}
+                      now={now}
+                      stallS={stallS}
+                      expanded={expanded === mark.id}
+                      onToggle={() => setExpanded(expanded === mark.id ? null : mark.id)}
+                    />
                   ))}
                 </tbody>
               </table>
             </div>
           )}
         </section>
+        <RecentJourneys journeys={journeys} />
       </main>
     </>
   );

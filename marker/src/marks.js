@@ -74,7 +74,9 @@ export function marksReducer(marks, event) {
       return [event.mark, ...marks].slice(0, MAX_LISTED_MARKS);
     case "settled":
       return marks.map((m) =>
-        m.id === event.id ? { ...m, status: event.status, reason: event.reason ?? null } : m,
+        m.id === event.id
+          ? { ...m, status: event.status, reason: event.reason ?? null, ...(event.at ? { publishedAt: event.at } : {}) }
+          : m,
       );
     default:
       throw new Error(`unknown marks event ${event.type}`);

@@ -1323,3 +1323,86 @@ class TestHostileRequestsProperty:
 def threaded() -> Iterator[_Threaded]:
     with _threaded_marker() as marker:
         yield marker
+
+
+# -- ampsflow journey ----------------------------------------------------------------
+
+
+def _journey_cli(tmp_path: Path, port: int, ident: str) -> subprocess.CompletedProcess[str]:
+    config = write_config(
+        tmp_path / "ampsflow.yaml",
+        {
+            "marker": {"listen": f"127.0.0.1:{port}"},
+            "persister": {"path": str(tmp_path / "messages.jsonl")},
+        },
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "ampsflow", "journey", ident, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+class TestJourneyCommand:
+    @pytest.fixture
+    def marker_with_a_failed_journey(self, tmp_path: Path) -> Iterator[int]:
+        with _threaded_marker() as marker:
+            t0 = 1_700_000_000_000_000_000
+            for body in (
+                _publish_span(_TRACE, start_ns=t0),
+                otlp_span(
+                    trace_id=_TRACE,
+                    span_id="00000000000000c3",
+                    name="persist-message",
+                    service="persister",
+                    start_ns=t0 + 5_000_000,
+                    error="PermissionError: [Errno 13] Permission denied: 'messages.jsonl'",
+                ),
+            ):
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{marker.port}/v1/traces", data=body, headers=_PROTOBUF
+                )
+                with urllib.request.urlopen(request, timeout=10):
+                    pass
+            line = {"id": "m-1", "text": "t", "_ampsflow": {"trace_id": _TRACE}}
+            (tmp_path / "messages.jsonl").write_text(
+                '{"id":"other"}\n' + json.dumps(line) + "\n", encoding="utf-8"
+            )
+            yield marker.port
+
+    def test_prints_hops_error_and_line(
+        self, tmp_path: Path, marker_with_a_failed_journey: int
+    ) -> None:
+        """By message id: each hop with service and time, the error, and the JSONL line."""
+        done = _journey_cli(tmp_path, marker_with_a_failed_journey, "m-1")
+        out = done.stdout
+        assert (
+            done.returncode,
+            "state failed" in out,
+            "published  react-web-app" in out,
+            "error: persist-message: PermissionError" in out,
+            out.count("JSONL ") == 1 and '"id": "m-1"' in out,
+        ) == (0, True, True, True, True)
+
+    def test_by_trace_id(self, tmp_path: Path, marker_with_a_failed_journey: int) -> None:
+        """A trace id finds the same journey."""
+        done = _journey_cli(tmp_path, marker_with_a_failed_journey, _TRACE.upper())
+        assert (done.returncode, "message m-1" in done.stdout) == (0, True)
+
+    def test_unknown_id_is_status_1(
+        self, tmp_path: Path, marker_with_a_failed_journey: int
+    ) -> None:
+        """Neither a journey nor a line: exit status 1 with a message."""
+        done = _journey_cli(tmp_path, marker_with_a_failed_journey, "nope")
+        assert (done.returncode, "no journey of nope" in done.stdout) == (1, True)
+
+    def test_marker_down_is_status_2(self, tmp_path: Path) -> None:
+        """An unreachable marker: a one-line error and exit status 2."""
+        done = _journey_cli(tmp_path, _free_port(), "m-1")
+        assert (done.returncode, done.stderr.startswith("ampsflow journey: cannot ask")) == (
+            2,
+            True,
+        )
