@@ -31,6 +31,9 @@ HOPS: Mapping[str, str] = {
 
 SEND_SPAN = "send-message"
 
+DEAD_LETTER_ATTRIBUTE = "ampsflow.dead_letter.topic"
+"""Set by the processor on the span of a message it sent to the dead-letter topic."""
+
 MAX_ATTRIBUTES = 40
 """Attributes kept per span (the first ones in the span's order)."""
 
@@ -144,12 +147,20 @@ def summarise(spans: Iterable[SpanRecord], *, dead_letter_topic: str | None) -> 
     ordered = sorted(spans, key=lambda s: (s.start_ns, s.span_id))
     trace_id = ordered[0].trace_id if ordered else ""
     hops: list[dict[str, Any]] = []
-    dead_lettered = any(
-        s.name == SEND_SPAN
-        and dead_letter_topic is not None
-        and s.attributes.get("messaging.destination.name") == dead_letter_topic
-        for s in ordered
-    )
+    # The processor names the dead-letter topic on its span; a separate
+    # send-message span to that topic means the same.
+    dlq: str | None = None
+    for s in ordered:
+        topic = s.attributes.get(DEAD_LETTER_ATTRIBUTE)
+        if isinstance(topic, str):
+            dlq = topic
+        elif (
+            s.name == SEND_SPAN
+            and dead_letter_topic is not None
+            and s.attributes.get("messaging.destination.name") == dead_letter_topic
+        ):
+            dlq = dead_letter_topic
+    dead_lettered = dlq is not None
     state = "unknown"
     error: str | None = None
     for span in ordered:
@@ -158,7 +169,7 @@ def summarise(spans: Iterable[SpanRecord], *, dead_letter_topic: str | None) -> 
         failed = span.status == "ERROR"
         text = _error_text(span) if failed else None
         if failed and span.name == "process-message" and dead_lettered:
-            text = f"{text}, dead-lettered to {dead_letter_topic}"
+            text = f"{text}, dead-lettered to {dlq}"
         if text is not None and error is None:
             error = text
         hops.append(

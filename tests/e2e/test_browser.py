@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,23 +175,23 @@ class DemoRun:
     output: list[str]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory, phoenix: Phoenix) -> Iterator[DemoRun]:
-    tmp_path = tmp_path_factory.mktemp("demo")
+@contextmanager
+def _run_demo(directory: Path, otlp_endpoint: str | None) -> Iterator[DemoRun]:
     port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "ampsflow",
+        "demo",
+        "--dir",
+        str(directory),
+        "--port",
+        str(port),
+    ]
+    if otlp_endpoint is not None:
+        command += ["--otlp-endpoint", otlp_endpoint]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ampsflow",
-            "demo",
-            "--dir",
-            str(tmp_path / "demo"),
-            "--port",
-            str(port),
-            "--otlp-endpoint",
-            phoenix.endpoint,
-        ],
+        command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -209,9 +210,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, phoenix: Phoenix) -> Iterator
             return True if any("Press Ctrl-C to stop." in line for line in output) else None
 
         _poll("ampsflow demo to report ready", running, timeout_s=120)
-        yield DemoRun(
-            process, f"http://127.0.0.1:{port}/", tmp_path / "demo" / "messages.jsonl", output
-        )
+        yield DemoRun(process, f"http://127.0.0.1:{port}/", directory / "messages.jsonl", output)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -221,6 +220,12 @@ def demo(tmp_path_factory: pytest.TempPathFactory, phoenix: Phoenix) -> Iterator
                 process.kill()
                 process.wait()
         reader.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, phoenix: Phoenix) -> Iterator[DemoRun]:
+    with _run_demo(tmp_path_factory.mktemp("demo") / "demo", phoenix.endpoint) as run:
+        yield run
 
 
 def _jsonl_record(path: Path, message_id: str) -> dict[str, Any] | None:
@@ -336,6 +341,216 @@ class TestClickToJsonl:
             "messaging.operation.type": "send",
             "messaging.message.id": shown.message_id,
         }
+
+    def test_every_relayed_span_reaches_phoenix_unchanged(
+        self, marked: Marked, demo: DemoRun, phoenix: Phoenix
+    ) -> None:
+        """Through the marker relay, each span the marker indexed is in Phoenix with the
+        same name, parent, status and attributes."""
+        shown, _, _ = marked
+        with urllib.request.urlopen(
+            f"{demo.page_url}api/journeys/{shown.trace_id}", timeout=10
+        ) as response:
+            relayed = json.loads(response.read())["spans"]
+
+        def stored() -> dict[str, StoredSpan] | None:
+            by_id = {s.span_id: s for s in _trace(phoenix, shown.trace_id)}
+            return by_id if all(r["span_id"] in by_id for r in relayed) else None
+
+        by_id = _poll("every relayed span in Phoenix", stored)
+        differences = [
+            r["name"]
+            for r in relayed
+            if (by_id[r["span_id"]].name, by_id[r["span_id"]].parent_id, by_id[r["span_id"]].status)
+            != (r["name"], r["parent_id"], r["status"])
+            or any(by_id[r["span_id"]].attributes.get(k) != v for k, v in r["attributes"].items())
+        ]
+        assert (len(relayed) >= 3, differences) == (True, [])
+
+
+# --- the journey on the page, with no collector at all --------------------------------
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    """``ampsflow demo`` with no --otlp-endpoint: the marker is the only span sink."""
+    with _run_demo(tmp_path_factory.mktemp("alone") / "demo", None) as run:
+        yield run
+
+
+@pytest.fixture(scope="module")
+def alone_page(alone: DemoRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    with _chromium(tmp_path_factory.mktemp("alone-profile")) as driver:
+        driver.set_window_size(1400, 1000)
+        driver.get(alone.page_url)
+        _wait_connection(driver, "connected")
+        yield driver
+
+
+def _row(driver: WebDriver, message_id: str) -> Any:
+    return driver.find_element(By.CSS_SELECTOR, f'tr.mark[data-mark-id="{message_id}"]')
+
+
+def _journey_cell(driver: WebDriver, message_id: str) -> Any:
+    return _row(driver, message_id).find_element(By.CSS_SELECTOR, "td.journey")
+
+
+def _persister_pid(demo_dir: Path) -> int:
+    config = str(demo_dir / "ampsflow.yaml").encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"persister" in argv and config in argv:
+            return int(entry.name)
+    raise AssertionError("the demo's persister is not running")
+
+
+class TestJourneyOnThePage:
+    def test_mark_reaches_persisted_with_three_hops(
+        self, alone_page: WebDriver, tmp_path: Path
+    ) -> None:
+        """No collector: a mark's row reaches "persisted" with published, processed and
+        persisted hops, each with a latency, and a total."""
+        shown = _mark(alone_page, "journey")
+        _poll(
+            "the row to reach persisted with three hops",
+            lambda: (
+                True
+                if _journey_cell(alone_page, shown.message_id).get_attribute("data-journey-state")
+                == "persisted"
+                and len(
+                    _journey_cell(alone_page, shown.message_id).find_elements(
+                        By.CSS_SELECTOR, "li.hop"
+                    )
+                )
+                == 3
+                else None
+            ),
+        )
+        cell = _journey_cell(alone_page, shown.message_id)
+        hops = [
+            (h.get_attribute("data-hop"), h.get_attribute("data-failed"), h.text.endswith("ms"))
+            for h in cell.find_elements(By.CSS_SELECTOR, "li.hop")
+        ]
+        total = cell.find_element(By.CSS_SELECTOR, ".journey-total").text
+        _row(alone_page, shown.message_id).click()
+        waterfall = _poll(
+            "the waterfall",
+            lambda: alone_page.find_elements(By.CSS_SELECTOR, ".waterfall .wf-row") or None,
+        )
+        if os.environ.get("AMPSFLOW_SCREENSHOTS"):
+            alone_page.save_screenshot(
+                str(Path(os.environ["AMPSFLOW_SCREENSHOTS"]) / "marker-journey.png")
+            )
+        _row(alone_page, shown.message_id).click()
+        assert (hops, total.startswith("total "), len(waterfall) >= 3) == (
+            [
+                ("published", "false", True),
+                ("processed", "false", True),
+                ("persisted", "false", True),
+            ],
+            True,
+            True,
+        )
+
+    def test_unwritable_jsonl_shows_the_persist_error(
+        self, alone_page: WebDriver, alone: DemoRun
+    ) -> None:
+        """The JSONL path becomes a directory (EISDIR even for root): the row first says no
+        span came from the persister, then, once the file is back and the write succeeds,
+        shows the persist-message hop failed in red with its error."""
+        demo_dir = alone.jsonl.parent
+        aside = demo_dir / "messages.jsonl.aside"
+        pid = _persister_pid(demo_dir)
+        alone.jsonl.rename(aside)
+        alone.jsonl.mkdir()
+        os.kill(pid, signal.SIGHUP)
+        try:
+            shown = _mark(alone_page, "unwritable")
+            waiting = _poll(
+                "the row to say the persister is silent",
+                lambda: (
+                    _journey_cell(alone_page, shown.message_id).find_elements(
+                        By.CSS_SELECTOR, ".journey-waiting"
+                    )
+                    or [None]
+                )[0],
+                timeout_s=60,
+            ).text
+        finally:
+            alone.jsonl.rmdir()
+            aside.rename(alone.jsonl)
+        error = _poll(
+            "the persist-message error on the row (persister log: "
+            + " | ".join((demo_dir / "logs" / "persister.log").read_text().splitlines()[-4:])
+            + ")",
+            lambda: (
+                _journey_cell(alone_page, shown.message_id).find_elements(
+                    By.CSS_SELECTOR, ".journey-error"
+                )
+                or [None]
+            )[0],
+            timeout_s=90,
+        ).text
+        failed_hops = [
+            h.get_attribute("data-hop")
+            for h in _journey_cell(alone_page, shown.message_id).find_elements(
+                By.CSS_SELECTOR, "li.hop-failed"
+            )
+        ]
+        assert (
+            waiting.startswith("no span from persister for "),
+            error.startswith("persist-message: "),
+            "Is a directory" in error or "EISDIR" in error,
+            failed_hops,
+        ) == (True, True, True, ["persisted"])
+
+    def test_bad_body_from_the_python_client_is_dead_lettered(
+        self, alone_page: WebDriver, alone: DemoRun
+    ) -> None:
+        """A body that is not JSON, published with the official Python client, shows in
+        recent journeys as dead-lettered, also under "failed only"."""
+        from AMPS import Client  # noqa: PLC0415 (the client is needed by this test only)
+
+        config = alone.jsonl.parent / "ampsflow.yaml"
+        uri = next(
+            line.split("uri:", 1)[1].strip()
+            for line in config.read_text(encoding="utf-8").splitlines()
+            if line.strip().startswith("uri:")
+        )
+        client = Client(f"bad-body-{os.getpid()}")
+        client.connect(uri)
+        client.logon()
+        try:
+            client.publish("internal", "this is { not json")
+            client.publish_flush()
+        finally:
+            client.close()
+        box = alone_page.find_element(By.ID, "failed-only")
+        if not box.is_selected():
+            box.click()
+        row = _poll(
+            "a dead-lettered journey",
+            lambda: (
+                alone_page.find_elements(
+                    By.CSS_SELECTOR, '#journeys tr.journey-row[data-state="dead-lettered"]'
+                )
+                or [None]
+            )[0],
+            timeout_s=60,
+        )
+        text = row.text
+        if os.environ.get("AMPSFLOW_SCREENSHOTS"):
+            alone_page.set_window_size(1400, 1300)
+            alone_page.save_screenshot(
+                str(Path(os.environ["AMPSFLOW_SCREENSHOTS"]) / "marker-failures.png")
+            )
+        box.click()
+        assert ("dead-lettered" in text, "internal.dlq" in text) == (True, True)
 
 
 class TestBurst:
