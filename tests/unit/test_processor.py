@@ -16,6 +16,7 @@ from ampsflow.core.codec import decode_correlation_id
 from ampsflow.lifecycle import Daemon
 from ampsflow.services.processor import PROCESS_SPAN, Processor
 from ampsflow.testing import FakeAmps, InMemoryTelemetry, in_memory_telemetry
+from tests.support.processes import wait_for
 
 CID = "004bf92f3577b34da6a3ce929d0e0e473600f067aa0ba902b701"
 TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -137,11 +138,32 @@ class TestGoodMessage:
         assert (out.correlation_id, "CorrelationId" in json.loads(out.body)) == (None, True)
 
     def test_consumed_counter(self, memory: InMemoryTelemetry, amps: FakeAmps) -> None:
-        """Each delivery counts once in messaging.client.consumed.messages."""
+        """Each delivery counts once in messaging.client.consumed.messages, each publish once
+        in messaging.client.sent.messages, added in one call per flush."""
         processor = make(memory, amps)
+        amps.fail_publish.append("store full")
         handle(processor, amps, "{}")
         handle(processor, amps, "{}")
-        assert memory.counter_total("messaging.client.consumed.messages") == 2
+        assert memory.counter_total("messaging.client.consumed.messages") == 0
+        processor.flush_metrics()
+        assert (
+            memory.counter_total("messaging.client.consumed.messages"),
+            memory.counter_total("messaging.client.sent.messages"),
+        ) == (2, 3)
+
+    def test_run_flushes_the_counts_when_it_returns(
+        self, memory: InMemoryTelemetry, amps: FakeAmps
+    ) -> None:
+        daemon = Daemon("processor", notifier=RecordingNotifier())
+        processor = Processor(ProcessorConfig(), memory.telemetry, amps, amps, daemon.stop)
+        for _ in range(3):
+            amps.deliver("{}")
+        thread = threading.Thread(target=processor.run, args=(daemon,))
+        thread.start()
+        wait_for(lambda: len(amps.discarded) == 3, timeout_s=10, what="3 messages processed")
+        daemon.stop.set()
+        thread.join(10)
+        assert memory.counter_total("messaging.client.consumed.messages") == 3
 
 
 class TestCorrelationProblems:
