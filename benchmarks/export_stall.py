@@ -31,7 +31,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ampsflow.service import tune_garbage_collection
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -40,6 +39,7 @@ from ampsflow.adapters.instruments import messaging_attributes
 from ampsflow.adapters.otlp_wire import OtlpHttpSpanExporter
 from ampsflow.adapters.telemetry import setup_telemetry
 from ampsflow.config import TelemetryConfig
+from ampsflow.lifecycle import tune_garbage_collection
 from benchmarks.otlp_sink import OtlpSink
 
 
