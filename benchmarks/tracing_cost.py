@@ -11,8 +11,8 @@ OTLP/HTTP exporter sending to a local receiver in a process of its own
 - ``CorrelationId``: :func:`extract_context` of a header + payload CorrelationId and
   :func:`correlation_id_of` of a live span (decode + encode, no span);
 - ``processor``: :meth:`ampsflow.services.processor.Processor.handle` of a ~200-byte
-  mark from an in-memory source to an in-memory sink (parse, ``process-message`` and
-  ``send-message`` spans, CorrelationId out in header and payload, serialise, discard),
+  mark from an in-memory source to an in-memory sink (parse, the ``process-message``
+  span, CorrelationId out in header and payload, serialise, discard),
   with tracing off (exporter ``none``, sampler 0, parent not sampled), every span
   sampled, and 10% sampled;
 - ``persister``: :class:`ampsflow.services.persister.Persister` collect + commit of
@@ -25,11 +25,10 @@ flushed every span of the case. Each case runs ``--repeat`` times, interleaved; 
 minimum is the figure (other processes on the machine only ever add to it) and the
 median is shown beside it. ``added`` is the traced minimum minus the untraced one.
 
-``--what-if`` also measures both paths (every span sampled) with each change proposed
-in BENCHMARKS.md applied by patching for the length of a case: GC tuned
-(``gc.set_threshold(50_000, 50, 100)``), no
-``send-message`` span, no link from ``process-message`` to its parent, no ``fsync``
-event on ``persist-message``, and all of them together.
+``--what-if`` also measures both paths (every span sampled) with a change applied by
+patching for the length of a case: GC tuned (``gc.set_threshold(50_000, 50, 100)``),
+and the SDK's own OTLP encoder (``encode_spans``) in place of ampsflow's wire encoder,
+which shows what the encoder saves.
 
 Usage (from the repository root)::
 
@@ -50,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +57,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from opentelemetry import trace  # noqa: E402
-from opentelemetry.sdk.trace import Span as SdkSpan  # noqa: E402
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: E402
 from opentelemetry.trace import SpanKind  # noqa: E402
 
-from ampsflow.adapters.instruments import messaging_attributes, metric_attributes  # noqa: E402
+from ampsflow.adapters.instruments import messaging_attributes  # noqa: E402
+from ampsflow.adapters.otlp_wire import OtlpHttpSpanExporter  # noqa: E402
 from ampsflow.adapters.propagation import correlation_id_of, extract_context  # noqa: E402
 from ampsflow.adapters.sink import JsonlSink  # noqa: E402
 from ampsflow.adapters.telemetry import Telemetry, setup_telemetry  # noqa: E402
 from ampsflow.config import ProcessorConfig, TelemetryConfig  # noqa: E402
 from ampsflow.lifecycle import Daemon  # noqa: E402
-from ampsflow.services import processor as processor_module  # noqa: E402
 from ampsflow.services.persister import Persister  # noqa: E402
 from ampsflow.services.processor import Processor  # noqa: E402
 from ampsflow.testing import FakeAmps  # noqa: E402
@@ -217,51 +216,20 @@ def gc_tuned() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def without_send_span() -> Iterator[None]:
-    """The processor publishes inside ``process-message``, without a ``send-message`` span."""
-    original = Processor._publish
-
-    def publish(self: Processor, topic: str, body: bytes, correlation_id: str | None) -> bool:
-        self._sink.publish(topic, body, correlation_id)
-        self._instruments.sent.add(1, metric_attributes(topic, "send"))
-        return True
-
-    Processor._publish = publish  # type: ignore[method-assign]
+def sdk_encoder() -> Iterator[None]:
+    """Spans encoded by the SDK's ``OTLPSpanExporter`` (protobuf objects), as before."""
+    original = OtlpHttpSpanExporter.export
+    OtlpHttpSpanExporter.export = OTLPSpanExporter.export  # type: ignore[method-assign]
     try:
         yield
     finally:
-        Processor._publish = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def without_parent_link() -> Iterator[None]:
-    """``process-message`` is the child of the CorrelationId's span, without also linking it."""
-    names = vars(processor_module)
-    original = names["Link"]
-    names["Link"] = lambda context: None
-    try:
-        yield
-    finally:
-        names["Link"] = original
-
-
-@contextlib.contextmanager
-def without_fsync_event() -> Iterator[None]:
-    """``persist-message`` without its ``fsync`` event (the end time already marks it)."""
-    original = SdkSpan.add_event
-    SdkSpan.add_event = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        SdkSpan.add_event = original  # type: ignore[method-assign]
+        OtlpHttpSpanExporter.export = original  # type: ignore[method-assign]
 
 
 WHAT_IF: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "as is": contextlib.nullcontext,
     "GC tuned": gc_tuned,
-    "no send-message span": without_send_span,
-    "no link to the parent": without_parent_link,
-    "no fsync event": without_fsync_event,
+    "SDK encoder": sdk_encoder,
 }
 
 
@@ -269,10 +237,7 @@ def what_if(endpoint: str, n: int, repeat: int, directory: Path) -> dict[str, di
     """Minimum CPU per message of both paths, every span sampled, under each proposed change."""
     proc_tm = telemetry(endpoint, 1.0, "processor")
     pers_tm = telemetry(endpoint, 1.0, "persister")
-    combos: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-        **WHAT_IF,
-        "all of these": functools.partial(_all_of, list(WHAT_IF.values())),
-    }
+    combos = WHAT_IF
     samples: dict[str, list[tuple[float, float]]] = {}
     for run in range(repeat):
         for name, change in combos.items():
@@ -289,16 +254,6 @@ def what_if(endpoint: str, n: int, repeat: int, directory: Path) -> dict[str, di
         }
         for name, values in samples.items()
     }
-
-
-@contextlib.contextmanager
-def _all_of(
-    changes: Iterable[Callable[[], contextlib.AbstractContextManager[None]]],
-) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for change in changes:
-            stack.enter_context(change())
-        yield
 
 
 def median(samples: list[Sample]) -> dict[str, float]:
