@@ -239,10 +239,12 @@ json_value_text = st.recursive(
 )
 """Any JSON-ish value as text, nested a few levels."""
 
-deep_nesting_text = st.tuples(st.integers(1, 3000), st.sampled_from(["[", '{"a":'])).map(
-    lambda t: t[1] * t[0] + "1" + ("]" if t[1] == "[" else "}") * t[0]
-)
-"""An array or object nested up to 3,000 levels deep."""
+deep_nesting_text = st.tuples(
+    st.one_of(st.integers(1, 3000), st.integers(500, 520), st.integers(950, 1010)),
+    st.sampled_from(["[", '{"a":']),
+).map(lambda t: t[1] * t[0] + "1" + ("]" if t[1] == "[" else "}") * t[0])
+"""An array or object nested up to 3,000 levels deep (often near the limit of 512 and
+near Python's recursion limit of 1,000)."""
 
 
 def big_string_text(max_bytes: int) -> st.SearchStrategy[str]:

@@ -10,7 +10,8 @@ way in any JSON reader downstream, the persister's and ``ampsflow audit``'s
 included (the persister parses with :func:`parse_body` too):
 
 - the body is UTF-8 and at most ``max_bytes`` long;
-- it is one JSON object; ``NaN``, ``Infinity`` and numbers that do not fit a
+- it is one JSON object, nested at most :data:`MAX_DEPTH` levels
+  (``too_deep``); ``NaN``, ``Infinity`` and numbers that do not fit a
   double (``1e999``) or an integer of ``sys.get_int_max_str_digits()`` digits
   are rejected (Python would turn them into values no JSON can carry);
 - no string (key or value) holds a lone surrogate: the escape ``"\\ud800"``
@@ -51,6 +52,7 @@ ERROR_TYPES = (
     "invalid_utf8",
     "invalid_json",
     "not_an_object",
+    "too_deep",
     "invalid_unicode",
     "duplicate_key",
     "number_out_of_range",
@@ -58,8 +60,7 @@ ERROR_TYPES = (
     "internal_error",
 )
 """Every ``error_type`` a message can be rejected with: :func:`parse_body` raises
-the first seven, :func:`render_output` ``output_too_large`` (and
-``invalid_json`` for nesting too deep to serialise); ``internal_error`` is
+the first eight, :func:`render_output` ``output_too_large``; ``internal_error`` is
 what a service records for any other exception raised while handling one
 message."""
 
@@ -67,6 +68,11 @@ PUBLISH_HEADER_RESERVE_BYTES = 1024
 """Bytes of an AMPS frame kept for the publish header (command, topic, sequence,
 CorrelationId, ...) besides the topic name, when a body is sized to fit
 ``max_message_bytes``."""
+
+MAX_DEPTH = 512
+"""Deepest nesting of arrays and objects accepted. Fixed, well below Python's
+recursion limit, so a body is accepted or refused the same way whatever the
+call depth of the parser (and every reader after it can serialise it)."""
 
 MAX_DETAIL_CHARS = 500
 """Longest ``detail`` kept in a dead-letter envelope."""
@@ -138,8 +144,8 @@ def parse_body(body: bytes | str, *, max_bytes: int) -> dict[str, Any]:
 
     Raises:
         BadMessageError: ``too_large`` when over ``max_bytes``, ``invalid_utf8``,
-            ``invalid_json`` (also for ``NaN``/``Infinity`` and nesting too deep to
-            parse), ``number_out_of_range``, ``duplicate_key``,
+            ``invalid_json`` (also for ``NaN``/``Infinity``), ``too_deep`` (over
+            :data:`MAX_DEPTH` levels), ``number_out_of_range``, ``duplicate_key``,
             ``invalid_unicode`` (a lone surrogate), ``not_an_object`` for valid
             JSON that is not an object.
     """
@@ -164,12 +170,29 @@ def parse_body(body: bytes | str, *, max_bytes: int) -> dict[str, Any]:
     except ValueError as exc:
         raise BadMessageError("invalid_json", str(exc)) from None
     except RecursionError:
-        raise BadMessageError("invalid_json", "nested too deeply") from None
+        raise BadMessageError("too_deep", f"nested deeper than {MAX_DEPTH} levels") from None
+    # Only a text with that many brackets can be nested that deep: the walk is
+    # skipped for ordinary bodies.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth_exceeds(value, MAX_DEPTH):
+        raise BadMessageError("too_deep", f"nested deeper than {MAX_DEPTH} levels")
     if not isinstance(value, dict):
         raise BadMessageError("not_an_object", f"got a JSON {_json_type(value)}")
     if (isinstance(body, str) or _SURROGATE_ESCAPE.search(text)) and _has_lone_surrogate(value):
         raise BadMessageError("invalid_unicode", "a string holds a lone surrogate (no UTF-8 form)")
     return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays and objects in ``value`` nest more than ``limit`` levels (iteratively)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -240,14 +263,10 @@ def render_output(
     Raises:
         BadMessageError: ``output_too_large`` when the serialised output is
             over ``max_bytes`` (it would exceed the broker's frame cap and be
-            refused on every re-send), ``invalid_json`` when it is nested too
-            deeply to serialise.
+            refused on every re-send).
     """
     out = mark_processed(message, correlation_id=correlation_id, carrier=carrier)
-    try:
-        body = serialise(out)
-    except RecursionError:
-        raise BadMessageError("invalid_json", "nested too deeply") from None
+    body = serialise(out)
     if len(body) > max_bytes:
         raise BadMessageError(
             "output_too_large",

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ampsflow.core.transform import (
     ERROR_TYPES,
+    MAX_DEPTH,
     dead_letter_body,
     mark_processed,
     parse_body,
@@ -65,9 +66,27 @@ class TestParseBody:
         """NaN, which Python accepts but JSON does not, is rejected as invalid_json."""
         assert error_type_of(b'{"a":NaN}') == "invalid_json"
 
-    def test_deep_nesting_is_invalid_json(self) -> None:
-        """Nesting too deep to parse is rejected as invalid_json, not a crash."""
-        assert error_type_of(b"[" * 100_000 + b"]" * 100_000, max_bytes=10**6) == "invalid_json"
+    def test_deep_nesting_is_too_deep(self) -> None:
+        """Nesting too deep for the parser is rejected as too_deep, not a crash."""
+        assert error_type_of(b"[" * 100_000 + b"]" * 100_000, max_bytes=10**6) == "too_deep"
+
+    def test_nesting_limit_is_exact(self) -> None:
+        """MAX_DEPTH levels (the object counts as one) parse; one more is too_deep."""
+        inner = MAX_DEPTH - 1
+        at_limit = b'{"a":' + b"[" * inner + b"]" * inner + b"}"
+        over = b'{"a":' + b"[" * (inner + 1) + b"]" * (inner + 1) + b"}"
+        assert (
+            len(str(parse_body(at_limit, max_bytes=LIMIT * 4))) > 0,
+            error_type_of(over, LIMIT * 4),
+        ) == (
+            True,
+            "too_deep",
+        )
+
+    def test_many_brackets_side_by_side_are_not_deep(self) -> None:
+        """Thousands of sibling arrays are fine: only depth counts."""
+        body = b'{"a":[' + b",".join([b"[]"] * 5000) + b"]}"
+        assert len(parse_body(body, max_bytes=10**5)["a"]) == 5000
 
     @pytest.mark.parametrize("body", [b"[1,2]", b'"text"', b"42", b"null", b"true"])
     def test_non_object(self, body: bytes) -> None:
