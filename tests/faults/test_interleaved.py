@@ -2,15 +2,26 @@
 
 The processor's bookmark store resumes from its last discard point and the last
 persisted ack the broker sent for the subscription; with two publishers those name
-different publishers and are listed side by side. These scenarios kill the processor
-at the moment that matters (it holds a large message from one publisher, received and
-acknowledged by the broker as persisted, after another publisher's message was
-finished) and check that the restarted processor still gets it.
+different publishers and are listed side by side. :class:`TestHeldMessageSurvivesKill`
+kills the processor at the moment that matters (it holds a large message from one
+publisher, received and acknowledged by the broker as persisted, after another
+publisher's message was finished) and checks that the restarted processor still gets it.
+
+:class:`TestMultiPublisherKill9` is the general case: several official-client publishers,
+each with its own client name and durable publish store, at random rates, one of them
+sending large messages; the processor or the persister is killed with SIGKILL at random
+moments (half of them just after a large message was published, so mid-message) and
+restarted; ``ampsflow audit`` must then be clean. The seed is printed
+(``AMPSFLOW_FAULT_SEED`` replays it); ``AMPSFLOW_FAULT_KILLS`` sets the kills per run
+(default 6; e.g. 60 for a long run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
 import signal
 import time
 import uuid
@@ -32,7 +43,8 @@ from tests.faults.harness import (
     run_audit,
     wait_settled,
 )
-from tests.support.processes import wait_for
+from tests.support.load import LoadConfig, SteadyPublisher
+from tests.support.processes import Daemon, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +168,79 @@ class TestHeldMessageSurvivesKill:
             probe.close()
         result = run_audit(pipeline.published, pipeline.jsonl)
         assert clean_audit() == audit_summary(result), audit_details(result)
+
+
+def _rng() -> random.Random:
+    seed = int(os.environ.get("AMPSFLOW_FAULT_SEED", random.SystemRandom().randrange(1 << 32)))
+    print(f"fault seed: AMPSFLOW_FAULT_SEED={seed}")
+    return random.Random(seed)
+
+
+def _kills() -> int:
+    return int(os.environ.get("AMPSFLOW_FAULT_KILLS", "6"))
+
+
+def _publishers(pipeline: Pipeline, rng: random.Random) -> list[SteadyPublisher]:
+    """Three small-message publishers at random rates and one of large messages."""
+
+    def make(name: str, rate: float, padding: int, items: int = 0) -> SteadyPublisher:
+        return SteadyPublisher(
+            LoadConfig(
+                uri=pipeline.broker.uri,
+                published_path=pipeline.published,
+                store_path=pipeline.root / f"{name}.store",
+                rate_per_s=rate,
+                client_name=name,
+                padding_bytes=padding,
+                padding_items=items,
+            )
+        )
+
+    tag = uuid.uuid4().hex[:6]
+    small = [make(f"small{i}-{tag}", rng.uniform(40, 160), rng.randint(16, 2048)) for i in range(3)]
+    # Large in bytes and slow to parse: the processor holds each one for a while.
+    large = make(
+        f"large-{tag}",
+        rng.uniform(2, 5),
+        rng.randint(64 * 1024, 512 * 1024),
+        rng.randint(100_000, 300_000),
+    )
+    return [*small, large]
+
+
+def _kill_amid_interleaved_publishers(pipeline: Pipeline, daemon: Daemon) -> None:
+    rng = _rng()
+    publishers = _publishers(pipeline, rng)
+    large = publishers[-1]
+    with contextlib.ExitStack() as running:
+        for publisher in publishers:
+            running.enter_context(publisher)
+        for _ in range(_kills()):
+            if rng.random() < 0.5:
+                # Mid-message: just after a large message went out.
+                large.wait_published(large.published + 1)
+                time.sleep(rng.uniform(0.0, 0.08))
+            else:
+                time.sleep(rng.uniform(0.3, 2.5))
+            daemon.kill()
+            daemon.restart()
+        publishers[0].wait_published(publishers[0].published + 100)
+    total = sum(p.published for p in publishers)
+    result = pipeline.settle_and_audit(total)
+    assert clean_audit() == audit_summary(result), audit_details(result) + "\n" + pipeline.logs()
+
+
+class TestMultiPublisherKill9:
+    """Interleaved publishers, large messages, kill -9 at random points: audit clean."""
+
+    def test_processor_killed_amid_interleaved_publishers_loses_nothing(
+        self, pipeline: Pipeline
+    ) -> None:
+        """Repeated kill -9 of the processor loses and duplicates nothing in the JSONL."""
+        _kill_amid_interleaved_publishers(pipeline, pipeline.processor)
+
+    def test_persister_killed_amid_interleaved_publishers_loses_nothing(
+        self, pipeline: Pipeline
+    ) -> None:
+        """Repeated kill -9 of the persister loses and duplicates nothing in the JSONL."""
+        _kill_amid_interleaved_publishers(pipeline, pipeline.persister)

@@ -68,6 +68,7 @@ class LoadConfig:
         otlp_endpoint: OTLP/HTTP base URL to export the ``publish-message`` spans to.
         service_name: ``service.name`` of those spans.
         padding_bytes: Extra payload text per message.
+        padding_items: Length of an extra array of zeros per message (slow to parse).
     """
 
     uri: str
@@ -80,6 +81,7 @@ class LoadConfig:
     otlp_endpoint: str | None = None
     service_name: str = "load-publisher"
     padding_bytes: int = 64
+    padding_items: int = 0
 
 
 class SteadyPublisher:
@@ -250,6 +252,11 @@ class SteadyPublisher:
                     "publisher": self.client_name,
                     "seq": sequence,
                     "text": padding,
+                    **(
+                        {"items": [0] * self.config.padding_items}
+                        if self.config.padding_items
+                        else {}
+                    ),
                     "CorrelationId": correlation_id,
                 },
                 separators=(",", ":"),
