@@ -44,7 +44,7 @@ def upload(first_trace: int, traces: int) -> bytes:
     """One ExportTraceServiceRequest: ``traces`` traces of three spans each."""
     request = ExportTraceServiceRequest()
     now = time.time_ns()
-    for service, name in HOPS:
+    for hop, (service, name) in enumerate(HOPS):
         resource = request.resource_spans.add()
         resource.resource.attributes.append(
             KeyValue(key="service.name", value=AnyValue(string_value=service))
@@ -53,7 +53,7 @@ def upload(first_trace: int, traces: int) -> bytes:
         for i in range(first_trace, first_trace + traces):
             span = spans.add()
             span.trace_id = i.to_bytes(16, "big")
-            span.span_id = (i * 4 + len(name)).to_bytes(8, "big")
+            span.span_id = (i * 4 + hop + 1).to_bytes(8, "big")
             span.name = name
             span.start_time_unix_nano = now
             span.end_time_unix_nano = now + 1_500_000
@@ -74,6 +74,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=510, help="spans per upload (x3)")
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--upstream", default=None, help="otlp_traces_upstream (default: none)")
+    parser.add_argument(
+        "--journey-max-bytes", type=int, default=None, help="marker.journey_max_bytes"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -82,7 +85,12 @@ def main() -> int:
     config = workdir / "ampsflow.yaml"
     config.write_text(
         f"marker:\n  listen: 127.0.0.1:{port}\n"
-        f"  otlp_traces_upstream: {json.dumps(args.upstream)}\n",
+        f"  otlp_traces_upstream: {json.dumps(args.upstream)}\n"
+        + (
+            f"  journey_max_bytes: {args.journey_max_bytes}\n"
+            if args.journey_max_bytes is not None
+            else ""
+        ),
         encoding="utf-8",
     )
     log = (workdir / "marker.log").open("wb")

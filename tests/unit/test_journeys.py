@@ -87,3 +87,12 @@ def test_eviction_forgets_message_ids() -> None:
     index.add([first])
     index.add([_span("x", "4" * 16, 0, 1, trace_id="cd" * 16)])
     assert (index.traces_of_message("m"), index.stats.evicted_traces) == ([], 1)
+
+
+def test_a_replaced_span_leaves_no_message_entry_behind() -> None:
+    """A span id seen again under another name: once evicted, nothing of it is kept."""
+    index = JourneyIndex(max_spans=1, max_bytes=10**6)
+    index.add([_span("publish-message", "1" * 16, 0, 1, attributes={"messaging.message.id": "m"})])
+    index.add([_span("process-message", "1" * 16, 0, 1)])
+    index.add([_span("x", "4" * 16, 0, 1, trace_id="cd" * 16)])
+    assert (index.traces_of_message("m"), index._by_message) == ([], {})
