@@ -203,6 +203,47 @@ class TestSlowConsumer:
             stalled.wait_closed()
         assert official_roundtrip(broker) == '{"still":"serving"}'
 
+    def test_websocket_subscriber_that_does_not_read_is_disconnected(self, start_broker):
+        """The same over WebSocket: the broker shuts the socket of a peer that reads nothing,
+        although its writer is blocked sending to it."""
+        broker = start_broker(slow_consumer_timeout_s=1.0)
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", broker.broker.websocket_port))
+        stalled.settimeout(DEADLINE_S)
+        try:
+            stalled.sendall(
+                b"GET /amps/json HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            response = b""
+            while b"\r\n\r\n" not in response:
+                response += stalled.recv(1)
+            assert response.startswith(b"HTTP/1.1 101")
+            stalled.sendall(_ws_frame(1, b"text"))
+            for header in (
+                {"c": "logon", "cid": "1", "client_name": "ws-stalled", "a": "processed"},
+                {"c": "subscribe", "cid": "s", "sub_id": "s", "t": "wsflood", "a": "processed"},
+            ):
+                stalled.sendall(_ws_frame(2, struct.pack("<I", 1)))
+                stalled.sendall(_ws_frame(1, json.dumps(header).encode()))
+            wait_until(lambda: broker.counter("subscriptions") == 1, "the subscription")
+            publisher = AMPS.Client(f"p{uuid.uuid4().hex[:8]}")
+            publisher.connect(broker.tcp_uri)
+            try:
+                publisher.logon()
+                body = '{"pad":"' + "w" * 100_000 + '"}'
+                for _ in range(40):
+                    publisher.publish("wsflood", body)
+                publisher.publish_flush(10_000)
+            finally:
+                publisher.close()
+            wait_until(lambda: broker.counter("slow_consumers") == 1, "the slow consumer cut")
+            assert official_roundtrip(broker) == '{"still":"serving"}'
+        finally:
+            stalled.close()
+
     def test_slow_but_steady_reader_is_not_disconnected(self, start_broker, raw_clients):
         """A subscriber that reads a little at a time, slower than the publisher, gets every
         message: it is fed from the log as it reads, never cut as a slow consumer."""
@@ -348,3 +389,16 @@ class TestRetention:
         # oldest message), so only order, uniqueness and the end are certain here; gaps are
         # covered by the replay tests without retention.
         assert (True, True, 2000) == (got[0] > 1, got == sorted(set(got)), got[-1])
+
+
+def _ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked client-to-server WebSocket frame (FIN set)."""
+    mask = b"\x01\x02\x03\x04"
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+    elif length < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
