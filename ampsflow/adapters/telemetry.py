@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from opentelemetry import metrics, trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -289,6 +290,50 @@ class FailuresSampled(Sampler):
 
     def get_description(self) -> str:
         return f"FailuresSampled{{{self._inner.get_description()}}}"
+
+
+_TRUSTED_TYPES = frozenset({str, int, float, bool})
+
+
+def start_span_fast(
+    tracer: Tracer,
+    name: str,
+    *,
+    context: Context | None,
+    kind: SpanKind,
+    attributes: Mapping[str, AttributeValue],
+) -> Span:
+    """``tracer.start_span(name, context, kind, attributes)``, without the SDK's re-checks.
+
+    The SDK validates every attribute value of a new span again (recursively,
+    through the ``Sequence`` ABC): about 40% of starting a span with the
+    daemons' eight messaging attributes, measured at 14 µs of 38 on the
+    2-core VM. When every value is a plain ``str``/``int``/``float``/``bool``
+    under a non-empty ``str`` key, and the span's attribute store has room and
+    no value-length limit, the attributes go straight into that store;
+    otherwise (another SDK, ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`` set, a
+    value of another type) this is exactly ``start_span``. The sampler is not
+    shown these attributes (the configured samplers do not read them; a
+    failure span, whose sampling depends on them, starts through
+    :func:`failure_span`).
+    """
+    if any(
+        type(v) not in _TRUSTED_TYPES or type(k) is not str or not k for k, v in attributes.items()
+    ):
+        return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
+    span = tracer.start_span(name, context=context, kind=kind)
+    store = getattr(span, "_attributes", None)
+    if (
+        type(store) is BoundedAttributes
+        and not store._immutable
+        and store.max_value_len is None
+        and (store.maxlen is None or len(store._dict) + len(attributes) <= store.maxlen)
+    ):
+        with store._lock:
+            store._dict.update(attributes)
+    else:
+        span.set_attributes(attributes)
+    return span
 
 
 def failure_span(

@@ -69,13 +69,13 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, Tracer, use_span
 from opentelemetry.util.types import AttributeValue
 
 from ampsflow.adapters.amps import AmpsClient, default_client_name
 from ampsflow.adapters.instruments import messaging_attributes, metric_attributes, record_failure
 from ampsflow.adapters.propagation import PROBLEM_ATTRIBUTE, correlation_id_of, extract_context
-from ampsflow.adapters.telemetry import Telemetry, failure_span
+from ampsflow.adapters.telemetry import Telemetry, failure_span, start_span_fast
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform
@@ -266,11 +266,15 @@ class Processor:
         metric_attrs = metric_attributes(self._config.input_topic, "process")
         self._unflushed_consumed += 1
         finished = False
-        with self._tracer.start_as_current_span(
-            PROCESS_SPAN,
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
+        with use_span(
+            start_span_fast(
+                self._tracer,
+                PROCESS_SPAN,
+                context=parent,
+                kind=SpanKind.CONSUMER,
+                attributes=attributes,
+            ),
+            end_on_exit=True,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
