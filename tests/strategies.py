@@ -422,3 +422,12 @@ def config_texts() -> st.SearchStrategy[str]:
         st.text(max_size=80),
         st.just("logging: {level: debug\n"),
     )
+
+
+queue_ack_options = st.sampled_from(
+    ["", "cancel", "expire", "cancel,expire", "bogus", "max_backlog=3"]
+)
+"""Options of a queue ack (``sow_delete``): the supported ones and some that are refused."""
+
+queue_ack_noise = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+"""Garbage where a queue ack's bookmark goes."""

@@ -109,7 +109,29 @@ async function refuse(uri, topic, filter) {
   }
 }
 
-const scenarios = { logon, roundtrip, publish, stored, replay, refuse };
+// Subscribe to the queue QUEUE with max_backlog BACKLOG, acknowledge every message with
+// client.ack() in batches of BATCH, until COUNT messages arrived; disconnect (which sends
+// any batch still pending).
+async function queue(uri, queueTopic, count, backlog, batch) {
+  const client = new Client('js-queue');
+  await client.connect(uri);
+  client.ackBatchSize(Number(batch));
+  const received = [];
+  await client.subscribe(
+    (m) => {
+      received.push({ ...describe(m), leasePeriod: m.header.leasePeriod() || null });
+      client.ack(m);
+    },
+    queueTopic,
+    undefined,
+    { options: `max_backlog=${backlog}` },
+  );
+  await waitFor(() => received.length >= Number(count), `${count} queue messages`);
+  await client.disconnect();
+  return { received };
+}
+
+const scenarios = { logon, roundtrip, publish, stored, replay, refuse, queue };
 
 async function main() {
   const [scenario, ...args] = process.argv.slice(2);

@@ -16,7 +16,10 @@ from typing import Any
 import AMPS
 import pytest
 
+from ampsflow.config import DevbrokerQueueConfig
 from ampsflow.devbroker.auth import Users, hash_password
+from ampsflow.devbroker.queues import RECORD_TOPIC, decode_record
+from ampsflow.devbroker.txlog import ReplayCursor
 from tests.integration.devbroker.conftest import RunningBroker, wait_until
 
 JS_DIR = Path(__file__).resolve().parents[2] / "js"
@@ -141,3 +144,32 @@ class TestJavaScriptAuthentication:
         """A wrong password rejects the JS client's connect with 'auth failure'."""
         uri = broker.ws_uri.replace("ws://", "ws://alice:wrong@")
         assert run_js("logon", uri) == {"error": "auth failure"}
+
+
+class TestJavaScriptQueue:
+    def test_queue_subscribe_and_batched_acks(self, start_broker):
+        """The JS client sees queue messages (lp set), acknowledges them with client.ack()
+        in batches of 3 as sow_delete bm lists, and the queue ends empty."""
+        broker = start_broker(
+            queues=(DevbrokerQueueConfig(name="js-queue", underlying_topic="js-work"),)
+        )
+        publisher = AMPS.Client("py-queue-publisher")
+        publisher.connect(broker.tcp_uri)
+        publisher.logon()
+        for n in range(6):
+            publisher.publish("js-work", json.dumps({"n": n}))
+        publisher.publish_flush(5000)
+        publisher.close()
+        result = run_js("queue", broker.ws_uri, "js-queue", "6", "6", "3")
+        assert [{"n": n} for n in range(6)] == [m["data"] for m in result["received"]]
+        assert {"60000ms"} == {m["leasePeriod"] for m in result["received"]}
+        queue = broker.broker.queues.queues["js-queue"]
+        wait_until(lambda: broker.call(lambda: queue.depth) == 0, "every message acknowledged")
+
+        def acked() -> list[list[str]]:
+            log = broker.broker.log
+            entries, _ = log.read(ReplayCursor(position=1), up_to=log.durable_position, limit=100)
+            return [decode_record(e.body)[2] for e in entries if e.topic == RECORD_TOPIC]  # type: ignore[index]
+
+        wait_until(lambda: sum(map(len, broker.call(acked))) == 6, "the ack records")
+        assert [3, 3] == [len(batch) for batch in broker.call(acked)]

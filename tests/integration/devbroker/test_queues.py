@@ -17,11 +17,19 @@ from dataclasses import dataclass, field
 
 import AMPS
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ampsflow.config import DevbrokerQueueConfig
 from ampsflow.devbroker.queues import RECORD_TOPIC, decode_record
 from ampsflow.devbroker.txlog import ReplayCursor
-from tests.integration.devbroker.conftest import BrokerProcess, RunningBroker, wait_until
+from tests.integration.devbroker.conftest import (
+    BrokerProcess,
+    RunningBroker,
+    broker_config,
+    wait_until,
+)
+from tests.strategies import queue_ack_noise, queue_ack_options
 
 QUEUE = "work-queue"
 
@@ -345,3 +353,72 @@ class TestRefused:
         client.publish(RECORD_TOPIC, '{"q":"work-queue","op":"ack","bm":[]}')
         wait_until(lambda: broker.counter("malformed_frames") == 1, "the publish refused")
         assert [] == records(broker)
+
+
+@pytest.fixture(scope="module")
+def fuzz_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
+    """One broker with the work queue for the property test's many examples."""
+    broker = RunningBroker(
+        broker_config(
+            tmp_path_factory.mktemp("queue-fuzz"),
+            queues=(
+                DevbrokerQueueConfig(
+                    name=QUEUE,
+                    underlying_topic="work",
+                    lease_period_s=60,
+                    max_per_subscription_backlog=100_000,
+                ),
+            ),
+        )
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.integers(min_value=0, max_value=3), queue_ack_noise),
+            queue_ack_options,
+        ),
+        max_size=8,
+    )
+)
+def test_any_acks_keep_the_queue_consistent(fuzz_broker, acks):
+    """Acks with real or garbage bookmarks and any options: the broker keeps serving, and
+    exactly the messages acknowledged or expired by a real bookmark leave the queue."""
+    broker = fuzz_broker
+    publisher = AMPS.Client(f"fuzz-pub-{uuid.uuid4().hex[:8]}")
+    publisher.connect(broker.tcp_uri)
+    publisher.logon()
+    consumer = AMPS.Client(f"fuzz-sub-{uuid.uuid4().hex[:8]}")
+    try:
+        before = stats(broker)["depth"]
+        bodies = publish(publisher, 4)
+        consumer.connect(broker.tcp_uri)
+        consumer.logon()
+        leased = Leased()
+        consumer.subscribe(leased, QUEUE, options="max_backlog=100000")
+        wait_until(lambda: len(leased.bodies) >= 4 + before, "the messages leased")
+        mine = {b: bm for b, bm, _ in leased.items if b in bodies}
+        removed: set[str] = set()
+        for target, options in acks:
+            bookmark = mine[bodies[target]] if isinstance(target, int) else target
+            command = AMPS.Command("sow_delete").set_topic(QUEUE).set_bookmark(bookmark)
+            if options:
+                command.set_options(options)
+            with contextlib.suppress(AMPS.AMPSException):  # refused: its reason is raised
+                consumer.execute_async(command, None)
+            if isinstance(target, int) and options in ("", "expire"):
+                removed.add(bookmark)
+        consumer.publish_flush(5000)  # answered after every command sent before it
+        left = broker.call(
+            lambda: {bm for bm in mine.values() if broker.broker.queues.queues[QUEUE].get(bm)}
+        )
+        assert set(mine.values()) - removed == left
+    finally:
+        consumer.close()
+        publisher.close()
+    # Disconnected: whatever it still held waits again, nothing is lost.
+    wait_until(lambda: stats(broker)["leased"] == 0, "the leases returned")
