@@ -922,7 +922,8 @@ class TcpConnection(Connection, asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._max_frame = broker.config.max_frame_bytes
         self._max_header = broker.config.max_header_bytes
-        self._max_out = broker.config.max_outbound_bytes
+        # The hard bound, plus one message of any accepted size on its way out.
+        self._max_out = broker.config.max_outbound_bytes + broker.config.max_frame_bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Register with the broker."""
@@ -1021,7 +1022,8 @@ class TcpConnection(Connection, asyncio.Protocol):
         more came (flow control keeps a client that reads far below it)."""
         self.broker.counters.slow_consumers += 1
         logger.warning(
-            "%r: %d bytes queued, more than max_outbound_bytes (%d); disconnecting slow consumer",
+            "%r: %d bytes queued, more than max_outbound_bytes + max_frame_bytes (%d); "
+            "disconnecting slow consumer",
             self,
             queued,
             self._max_out,
@@ -1093,7 +1095,8 @@ class WsConnection(Connection):
         self._queue: deque[tuple[str, bytes | None]] = deque()
         self._queued_bytes = 0
         self._sent = 0
-        self._max_out = broker.config.max_outbound_bytes
+        # The hard bound, plus one message of any accepted size on its way out.
+        self._max_out = broker.config.max_outbound_bytes + broker.config.max_frame_bytes
         self._high_water = broker.flow_bytes
         self._wakeup = asyncio.Event()
         self._below_high_water = asyncio.Event()
@@ -1109,7 +1112,7 @@ class WsConnection(Connection):
             # The hard memory bound (flow control keeps a client that reads far below it).
             self.broker.counters.slow_consumers += 1
             logger.warning(
-                "%r: %d bytes queued, more than max_outbound_bytes (%d); "
+                "%r: %d bytes queued, more than max_outbound_bytes + max_frame_bytes (%d); "
                 "disconnecting slow consumer",
                 self,
                 self._queued_bytes,

@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 import AMPS
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests.integration.devbroker.conftest import RunningBroker, wait_until
+from tests.integration.devbroker.conftest import RunningBroker, broker_config, wait_until
 from tests.integration.devbroker.test_python_client import Received
 from tests.strategies import Body, examples, hostile_bodies
 
@@ -177,10 +178,13 @@ class Sizes:
 
 
 def subscriber(uri: str, sizes: Sizes) -> AMPS.Client:
+    """A plain client (heartbeats every second, so the broker also queues heartbeats
+    while large messages are on their way out)."""
     client = AMPS.Client(f"s{uuid.uuid4().hex[:8]}")
     client.set_disconnect_handler(sizes.on_disconnect)
     client.connect(uri)
     client.logon()
+    client.set_heartbeat(1)
     return client
 
 
@@ -228,3 +232,54 @@ class TestLargeBatches:
             assert broker.counter("slow_consumers") == 0
         finally:
             client.close()
+
+
+class TestFlowControlProperty:
+    @settings(
+        max_examples=examples(8),
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(
+        sizes=st.lists(st.integers(1, 1536 * 1024), min_size=1, max_size=40),
+        from_log=st.booleans(),
+    )
+    def test_a_reader_gets_every_message_in_order(
+        self, flow_broker: RunningBroker, sizes: list[int], from_log: bool
+    ) -> None:
+        """Whatever the mix of sizes (far above the flow-control threshold of 64 KiB
+        here), live or replayed, a subscriber that reads gets every message, in order,
+        and is never cut."""
+        t = topic()
+        cut_before = flow_broker.counter("slow_consumers")
+        received = Sizes()
+        client = subscriber(flow_broker.tcp_uri, received)
+        publisher = AMPS.Client(f"p{uuid.uuid4().hex[:8]}")
+        try:
+            publisher.connect(flow_broker.tcp_uri)
+            publisher.logon()
+            bodies = [b'{"n":%d,"p":"%s"}' % (i, b"q" * size) for i, size in enumerate(sizes)]
+            if not from_log:
+                client.subscribe(received, t)
+            for body in bodies:
+                publisher.publish(t, body)
+            publisher.publish_flush(60_000)
+            if from_log:
+                client.bookmark_subscribe(received, t, "0")
+            got = received.wait_for(len(bodies))
+            assert (got, received.disconnects) == ([len(b) for b in bodies], 0)
+        finally:
+            publisher.close()
+            client.close()
+        assert flow_broker.counter("slow_consumers") == cut_before
+
+
+@pytest.fixture(scope="module")
+def flow_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
+    """One broker with a small ``max_outbound_bytes`` (flow control from 64 KiB queued)."""
+    broker = RunningBroker(
+        broker_config(tmp_path_factory.mktemp("flow"), max_outbound_bytes=256 * 1024)
+    )
+    broker.start()
+    yield broker
+    broker.stop()

@@ -134,6 +134,15 @@ class TestAppendCommitRead:
             [e.position for e in second],
         ) == ([1, 2, 3, 4], [5, 6, 7, 8])
 
+    def test_read_honours_max_bytes(self, log: TransactionLog) -> None:
+        """read() stops once the bodies add up to ``max_bytes``, but returns at least one."""
+        written = publish(log, 6)
+        log.commit()
+        size = len(written[0].body)
+        first, cursor = log.read(ReplayCursor(position=1), up_to=6, limit=100, max_bytes=2 * size)
+        tiny, _ = log.read(cursor, up_to=6, limit=100, max_bytes=1)
+        assert ([e.position for e in first], [e.position for e in tiny]) == ([1, 2], [3])
+
     def test_sequences_count_per_publisher(self, log: TransactionLog) -> None:
         """Without a client ``s`` each publisher gets its own counter from 1."""
         a = publish(log, 2, client="a")
