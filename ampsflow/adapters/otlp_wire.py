@@ -348,9 +348,23 @@ class OtlpHttpSpanExporter(OTLPSpanExporter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._encoder = SpanEncoder()
+        # The SDK exporter's HTTP client, size limit and metrics are reused as
+        # they are in opentelemetry-exporter-otlp-proto-http 1.4x; another
+        # layout falls back to the SDK's own export (and encoder), not a crash.
+        self._encoder: SpanEncoder | None = SpanEncoder()
+        needed = ("_client", "_max_request_size", "_metrics", "_shutdown")
+        if not all(hasattr(self, name) for name in needed) or not callable(
+            getattr(getattr(self, "_client", None), "export", None)
+        ):
+            logger.warning(
+                "this opentelemetry-exporter-otlp-proto-http is not the one ampsflow's wire "
+                "encoder was built on; spans are encoded by the SDK instead (slower)"
+            )
+            self._encoder = None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._encoder is None:
+            return super().export(spans)
         if self._shutdown:
             logger.warning("Exporter already shutdown, ignoring batch")
             return SpanExportResult.FAILURE

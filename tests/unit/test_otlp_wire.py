@@ -18,6 +18,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -347,3 +348,25 @@ def test_the_daemons_export_http_protobuf_through_this_encoder() -> None:
         telemetry.shutdown()
         assert sorted(collector.spans()) == ["m0", "m1", "m2", "m3", "m4", "rejected"]
         assert telemetry.losses.failed_export == 1
+
+
+def test_without_a_known_sdk_exporter_layout_the_sdk_encodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An SDK exporter of another shape: a warning, then the SDK's own export, same bytes."""
+    original = OTLPSpanExporter.__init__
+
+    def other_layout(self: OTLPSpanExporter, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        self._client.export = None  # type: ignore[method-assign, assignment]
+
+    spans = sample_spans(3)
+    with Collector() as collector:
+        monkeypatch.setattr(OTLPSpanExporter, "__init__", other_layout)
+        fallback = OtlpHttpSpanExporter(endpoint=collector.url, timeout=5)
+        monkeypatch.undo()
+        assert fallback._encoder is None
+        fallback._client = OtlpHttpSpanExporter(endpoint=collector.url, timeout=5)._client
+        assert fallback.export(spans) is SpanExportResult.SUCCESS
+    ((_, body),) = collector.requests
+    assert body == official(spans)
