@@ -185,7 +185,7 @@ def summarise(spans: Iterable[SpanRecord], *, dead_letter_topic: str | None) -> 
                 "duration_ms": round(span.duration_ms, 3),
                 "status": span.status,
                 "error": text,
-                "fsynced": "fsync" in span.events,
+                "fsynced": not failed and "fsync" in span.events,
             }
         )
     rank = {"published": 1, "processed": 2, "persisted": 3}

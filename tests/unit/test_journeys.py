@@ -47,6 +47,21 @@ def test_persisted_total_runs_from_publish_to_the_fsync() -> None:
     )
 
 
+def test_failed_persist_is_not_called_fsynced() -> None:
+    """A persist-message that failed is not shown as fsync'd, even after an fsync event."""
+    span = _span(
+        "persist-message",
+        "3" * 16,
+        0,
+        1,
+        status="ERROR",
+        status_message="ENOSPC: No space left on device",
+        events=("fsync",),
+    )
+    journey = summarise([span], dead_letter_topic=None)
+    assert (journey["state"], journey["hops"][0]["fsynced"]) == ("failed", False)
+
+
 def test_dead_letter_attribute_makes_it_dead_lettered() -> None:
     """A failed process-message naming the dead-letter topic reads as dead-lettered."""
     span = _span(
