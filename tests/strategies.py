@@ -431,3 +431,214 @@ queue_ack_options = st.sampled_from(
 
 queue_ack_noise = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 """Garbage where a queue ack's bookmark goes."""
+
+
+# -- devbroker: hostile framing, headers and filters ---------------------------------
+#
+# What a hostile AMPS client can send the devbroker: headers as JSON text (bad JSON, wrong
+# types, huge values, escapes of lone surrogates, unknown commands), TCP streams of frames
+# with lying lengths, truncations and garbage, WebSocket message sequences with wrong frame
+# counts and text/binary mix-ups, and content filters from the grammar plus pathological
+# regular expressions.
+
+COMMANDS = (
+    "logon", "p", "publish", "delta_publish", "subscribe", "delta_subscribe", "unsubscribe",
+    "flush", "heartbeat", "sow", "sow_and_subscribe", "sow_delete", "start_timer", "ack",
+    "logon ", "LOGON", "", "\\u0000", "\\ud800", "x" * 300,
+)  # fmt: skip
+"""Known command names, near misses and nonsense."""
+
+HEADER_KEYS = (
+    "c", "cmd", "cid", "cmd_id", "t", "topic", "s", "seq", "a", "ack_type", "sub_id",
+    "sids", "filter", "bm", "bookmark", "client_name", "user_id", "pw", "o", "opts", "x",
+    "mt", "version", "bs", "top_n", "e", "l", "status", "\\ud800", "",
+)  # fmt: skip
+
+PATHOLOGICAL_REGEXES = (
+    "^(a+)+$", "(a|a)*b", "(.*a){25}", "(a*)*$", "^(([a-z])+.)+[A-Z]([a-z])+$", "(x+x+)+y",
+    "a[ab]{200}c", "(a)\\1", "a(?=b)", "(?<!x)y", "a{1001}", "[", "(?i)(A+)+$", "\\Qa.b\\E",
+)  # fmt: skip
+"""Regexes that backtrack exponentially in PCRE, that RE2 refuses, or that do not compile."""
+
+_header_value_text = st.one_of(
+    json_string_text,
+    json_number_text,
+    st.sampled_from(["true", "false", "null", "[]", "{}", '[1,"a"]', '{"c":"p"}']),
+    st.sampled_from(COMMANDS).map(lambda c: f'"{c}"'),
+    big_string_text(100_000),
+    st.sampled_from(PATHOLOGICAL_REGEXES).map(lambda r: "\"/s LIKE '" + r + "'\""),
+)
+
+
+def header_text() -> st.SearchStrategy[str]:
+    """A client header as JSON text: mostly objects with AMPS keys and hostile values,
+    sometimes not JSON or not an object at all."""
+    keys = st.one_of(st.sampled_from(HEADER_KEYS).map(lambda k: f'"{k}"'), json_string_text)
+    command = st.sampled_from(COMMANDS).map(lambda c: ('"c"', f'"{c}"'))
+    members = st.lists(st.tuples(keys, _header_value_text), max_size=6)
+    objects = st.tuples(command, members).map(lambda cm: _object([cm[0], *cm[1]]))
+    return st.one_of(
+        objects,
+        objects,
+        members.map(_object),
+        json_value_text,
+        st.text(max_size=40),
+        objects.map(lambda text: text[: len(text) // 2]),  # truncated
+    )
+
+
+_hostile_names = st.one_of(
+    json_string_text,
+    st.sampled_from(['"\\ud800"', '"a\\udfffb"', '"tab\\tname"', '""', "17", "null", "[]"]),
+    big_string_text(3000),
+)
+
+
+def logon_headers() -> st.SearchStrategy[str]:
+    """A logon whose fields are hostile: client names, users and passwords that are lone
+    surrogates, control characters, huge, empty or not strings; odd message types."""
+    fields = st.fixed_dictionaries(
+        {"c": st.just('"logon"'), "cid": st.just('"L"'), "client_name": _hostile_names},
+        optional={
+            "a": st.sampled_from(['"processed"', '""', "1"]),
+            "user_id": _hostile_names,
+            "pw": _hostile_names,
+            "mt": st.sampled_from(['"json"', '"fix"', '""', "0", '"\\ud800"']),
+            "version": st.sampled_from(['"5.3.4.0"', '"x"', "5"]),
+        },
+    )
+    return fields.map(lambda f: _object([(f'"{k}"', v) for k, v in f.items()]))
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def tcp_frames() -> st.SearchStrategy[bytes]:
+    """One TCP frame, honest or lying: right length, length too large or too small, a huge
+    length (up to 2**32 - 1), or raw garbage with no length at all."""
+    payload = st.tuples(header_text().map(_encode), st.binary(max_size=64)).map(
+        lambda hb: hb[0] + hb[1]
+    )
+
+    def framed(p: bytes, delta: int) -> bytes:
+        return max(0, len(p) + delta).to_bytes(4, "big") + p
+
+    return st.one_of(
+        payload.map(lambda p: framed(p, 0)),
+        payload.map(lambda p: framed(p, 0)),
+        st.tuples(payload, st.integers(-8, 8)).map(lambda pd: framed(*pd)),
+        st.tuples(st.integers(2**24, 2**32 - 1), st.binary(max_size=16)).map(
+            lambda lb: lb[0].to_bytes(4, "big") + lb[1]
+        ),
+        st.binary(max_size=64),
+    )
+
+
+def tcp_streams() -> st.SearchStrategy[list[bytes]]:
+    """What a hostile TCP client writes: frames, cut at arbitrary points into writes."""
+    return st.tuples(st.lists(tcp_frames(), min_size=1, max_size=6), st.integers(1, 4)).map(
+        lambda fc: _cut(b"".join(fc[0]), fc[1])
+    )
+
+
+def _cut(data: bytes, pieces: int) -> list[bytes]:
+    step = max(1, len(data) // pieces)
+    return [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+
+
+@dataclass(frozen=True, slots=True)
+class WsMessage:
+    """One WebSocket message a hostile JavaScript-protocol client sends."""
+
+    data: str | bytes
+
+    def __repr__(self) -> str:
+        return f"WsMessage({self.data[:60]!r}{'...' if len(self.data) > 60 else ''})"
+
+
+def ws_sequences() -> st.SearchStrategy[list[WsMessage]]:
+    """A WebSocket session: a preamble (right or wrong), then frame counts (right, zero,
+    huge, not 4 bytes), headers as text or binary, bodies split over frames, garbage."""
+    count = st.one_of(
+        st.integers(0, 5000).map(lambda n: n.to_bytes(4, "little")),
+        st.binary(max_size=8),
+    )
+    header = header_text()
+
+    def command(parts: tuple[str, list[bytes], bool]) -> list[WsMessage]:
+        head, bodies, as_binary = parts
+        frames: list[str | bytes] = [_encode(head) if as_binary else head, *bodies]
+        return [WsMessage(len(frames).to_bytes(4, "little"))] + [WsMessage(f) for f in frames]
+
+    item = st.one_of(
+        count.map(lambda c: [WsMessage(c)]),
+        header.map(lambda h: [WsMessage(h)]),
+        st.binary(max_size=256).map(lambda b: [WsMessage(b)]),
+        st.text(max_size=40).map(lambda t: [WsMessage(t)]),
+        # A well-formed command (its header as text or binary), the body over several frames.
+        st.tuples(header, st.lists(st.binary(max_size=64), max_size=5), st.booleans()).map(command),
+    )
+    preamble = st.sampled_from(["text", "binary", "json", ""]).map(WsMessage)
+    return st.tuples(preamble, st.lists(item, max_size=6)).map(
+        lambda pi: [pi[0], *(m for group in pi[1] for m in group)]
+    )
+
+
+_paths = st.lists(
+    st.sampled_from(["a", "b", "s", "n", "@x", "$y", "a1"]), min_size=1, max_size=4
+).map(lambda segs: "/" + "/".join(segs))
+_literals = st.one_of(
+    st.integers(-(10**20), 10**20).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.text(max_size=8).map(lambda t: "'" + t.replace("'", "''") + "'"),
+    st.sampled_from(["TRUE", "FALSE", "NULL", "''", "'\\ud800'"]),
+)
+_operands = st.one_of(_paths, _literals)
+_predicates = st.one_of(
+    st.tuples(
+        _operands, st.sampled_from(["=", "==", "!=", "<>", "<", ">", "<=", ">="]), _operands
+    ).map(" ".join),
+    st.tuples(
+        _paths, st.sampled_from(["IN", "NOT IN"]), st.lists(_operands, min_size=1, max_size=5)
+    ).map(lambda t: f"{t[0]} {t[1]} ({', '.join(t[2])})"),
+    st.tuples(_paths, _operands, _operands).map(lambda t: f"{t[0]} BETWEEN {t[1]} AND {t[2]}"),
+    st.tuples(_paths, st.sampled_from((*PATHOLOGICAL_REGEXES, "^a", "b$", ".", "(?i)X"))).map(
+        lambda t: f"{t[0]} LIKE '{t[1]}'"
+    ),
+    st.tuples(_paths, st.sampled_from(["IS NULL", "IS NOT NULL"])).map(" ".join),
+)
+filter_expressions = st.recursive(
+    _predicates,
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["AND", "OR"]), inner).map(" ".join),
+        inner.map(lambda e: f"NOT {e}"),
+        inner.map(lambda e: f"({e})"),
+    ),
+    max_leaves=8,
+)
+"""Filters from the grammar in ``ampsflow.devbroker.filters``, with pathological regexes."""
+
+
+def hostile_filters() -> st.SearchStrategy[str]:
+    """Grammar filters, filters nested deeper than any limit, huge IN lists, and noise."""
+    return st.one_of(
+        filter_expressions,
+        filter_expressions,
+        st.tuples(st.integers(1, 200), st.sampled_from(["(", "NOT ", "NOT ("])).map(
+            lambda t: t[1] * t[0] + "/a = 1" + (")" * t[0] if "(" in t[1] else "")
+        ),
+        st.integers(900, 1100).map(lambda n: "/a IN (" + ",".join(["1"] * n) + ")"),
+        st.text(max_size=40),
+    )
+
+
+def filter_bodies() -> st.SearchStrategy[bytes]:
+    """Bodies for filters to be evaluated on: generated JSON, deep nesting, long runs of
+    the characters pathological regexes feed on."""
+    return st.one_of(
+        json_value_text.map(_encode),
+        deep_nesting_text.map(lambda t: _encode('{"a":' + t + "}")),
+        st.integers(1, 50_000).map(lambda n: b'{"s":"' + b"a" * n + b'b"}'),
+        st.integers(1, 3000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+    )

@@ -18,6 +18,7 @@ from ampsflow.devbroker.filters import (
     is_regex_topic,
 )
 from ampsflow.errors import AmpsflowError, FilterError, TopicError
+from tests.strategies import examples, filter_bodies, hostile_filters
 
 
 def matches(text: str, body: object) -> bool:
@@ -678,3 +679,24 @@ def test_in_equals_or_of_equalities(
         matches(ors, body),
         matches(f"NOT ({ors})", body),
     )
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(text=hostile_filters(), bodies=st.lists(filter_bodies(), min_size=1, max_size=3))
+def test_generated_filters_compile_or_refuse_and_always_evaluate(
+    text: str, bodies: list[bytes]
+) -> None:
+    """Any generated filter (grammar, pathological regexes, nesting past the limit, IN
+    lists past the limit) compiles or raises FilterError; a compiled one returns a bool
+    on every body, decodable or not."""
+    try:
+        f = compile_filter(text)
+    except FilterError:
+        return
+    values: list[object] = []
+    for raw in bodies:
+        try:
+            values.append(json.loads(raw))
+        except (ValueError, RecursionError):
+            values.append(None)
+    assert all(type(f(value)) is bool for value in values)
