@@ -95,6 +95,23 @@ async function replay(uri, topic, bookmark, count) {
   return { received };
 }
 
+// Replay TOPIC from BOOKMARK until COUNT messages arrived; report only each body's size
+// and `n` (large replays would not fit on stdout).
+async function replaysizes(uri, topic, bookmark, count) {
+  const client = new Client('js-replay-sizes');
+  await client.connect(uri);
+  const received = [];
+  await client.subscribe(
+    (m) => received.push({ n: m.data.n, size: JSON.stringify(m.data).length }),
+    topic,
+    undefined,
+    { bookmark },
+  );
+  await waitFor(() => received.length >= Number(count), `${count} replayed messages`);
+  await client.disconnect();
+  return { received };
+}
+
 // Subscribe with FILTER and report how the broker refused it.
 async function refuse(uri, topic, filter) {
   const client = new Client('js-refused');
@@ -131,7 +148,7 @@ async function queue(uri, queueTopic, count, backlog, batch) {
   return { received };
 }
 
-const scenarios = { logon, roundtrip, publish, stored, replay, refuse, queue };
+const scenarios = { logon, roundtrip, publish, stored, replay, replaysizes, refuse, queue };
 
 async function main() {
   const [scenario, ...args] = process.argv.slice(2);

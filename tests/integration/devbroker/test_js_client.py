@@ -104,6 +104,20 @@ class TestJavaScriptClient:
         [message] = result["received"]
         assert ({"from": "python"}, t) == (message["data"], message["topic"])
 
+    def test_replay_larger_than_max_outbound_bytes_reaches_js(self, start_broker, connect_any):
+        """A WebSocket replay of 6 MB to a client with max_outbound_bytes 1 MiB is paced by
+        the socket (flow control), not cut as a slow consumer."""
+        broker = start_broker(max_outbound_bytes=1024 * 1024)
+        t = topic()
+        publisher = connect_any(broker.tcp_uri)
+        for n in range(30):
+            publisher.publish(t, json.dumps({"n": n, "pad": "j" * 200_000}))
+        publisher.publish_flush(10_000)
+        result = run_js("replaysizes", broker.ws_uri, t, "0", "30")
+        assert list(range(30)) == [m["n"] for m in result["received"]]
+        assert all(m["size"] > 200_000 for m in result["received"])
+        assert broker.counter("slow_consumers") == 0
+
     @pytest.mark.parametrize(
         ("topic_name", "expression", "reason"),
         [
@@ -173,3 +187,20 @@ class TestJavaScriptQueue:
 
         wait_until(lambda: sum(map(len, broker.call(acked))) == 6, "the ack records")
         assert [3, 3] == [len(batch) for batch in broker.call(acked)]
+
+
+@pytest.fixture
+def connect_any():
+    """Official Python clients on any broker; all closed at teardown."""
+    clients: list[AMPS.Client] = []
+
+    def make(uri: str) -> AMPS.Client:
+        client = AMPS.Client(f"py{uuid.uuid4().hex[:8]}")
+        clients.append(client)
+        client.connect(uri)
+        client.logon()
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
