@@ -280,6 +280,24 @@ class TestRedelivery:
         assert stats(broker)["returned_on_unsubscribe"] == 3
 
 
+class TestAtMostOnce:
+    def test_delivered_once_and_never_again(self, queue_broker, connect):
+        """at-most-once: messages leave the queue as they are delivered; a consumer that
+        disconnects without acknowledging leaves nothing to redeliver."""
+        broker = queue_broker(semantics="at-most-once")
+        bodies = publish(connect(broker.tcp_uri), 3)
+        first = connect(broker.tcp_uri)
+        leased = Leased()
+        first.subscribe(leased, QUEUE)
+        assert bodies == [b for b, _, _ in leased.wait_for(3)]
+        first.close()
+        wait_until(lambda: bool(records(broker)), "the take records committed")
+        second = Leased()
+        connect(broker.tcp_uri).subscribe(second, QUEUE)
+        time.sleep(0.3)  # a wrongly redelivered message would arrive by now
+        assert ([], 0) == (second.bodies, stats(broker)["depth"])
+
+
 class TestKill9:
     def test_acked_never_again_leased_again_after_kill9(self, tmp_path, connect):
         """kill -9 of the broker: acknowledged messages stay gone, leased-but-unacked and
@@ -311,6 +329,10 @@ class TestKill9:
             time.sleep(0.3)  # an acked message delivered by mistake would arrive by now
             assert sorted(bodies[10:]) == got
             assert 10 == len(again.bodies)
+            assert 0 == proc.terminate()
+            # The stats line at shutdown shows the queue: the ten unacknowledged messages
+            # (waiting again: the broker closed the consumer's connection first).
+            assert f"queue={QUEUE} depth=10 waiting=10 leased=0" in proc.output()
         finally:
             proc.kill9()
 
