@@ -510,6 +510,20 @@ def logon_headers() -> st.SearchStrategy[str]:
     return fields.map(lambda f: _object([(f'"{k}"', v) for k, v in f.items()]))
 
 
+def publish_headers() -> st.SearchStrategy[str]:
+    """A publish whose topic, correlation id, sequence or ack types are hostile."""
+    fields = st.fixed_dictionaries(
+        {"c": st.sampled_from(['"p"', '"publish"', '"delta_publish"']), "t": _hostile_names},
+        optional={
+            "cid": _hostile_names,
+            "x": _hostile_names,
+            "s": st.one_of(json_number_text, _hostile_names),
+            "a": st.sampled_from(['"processed"', '"persisted"', '"processed,persisted"', '","']),
+        },
+    )
+    return fields.map(lambda f: _object([(f'"{k}"', v) for k, v in f.items()]))
+
+
 def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 

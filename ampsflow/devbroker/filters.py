@@ -720,15 +720,19 @@ def compile_topic(topic: str, limits: FilterLimits = DEFAULT_LIMITS) -> Callable
 
     A literal topic matches only itself; a topic with regex characters is an RE2
     regular expression applied unanchored. Raises :class:`TopicError` with reason
-    ``invalid topic`` for an empty name or one with control characters, ``bad regex
-    topic`` for a regex RE2 cannot compile or whose program exceeds
-    ``limits.max_regex_program``. The predicate never raises.
+    ``invalid topic`` for an empty name, one with control characters or one that is not
+    UTF-8 text, ``bad regex topic`` for a regex RE2 cannot compile or whose program
+    exceeds ``limits.max_regex_program``. The predicate never raises.
     """
     if not topic or not topic.strip():
         raise TopicError("invalid topic", "topic is empty")
     bad = next((ch for ch in topic if ord(ch) < 0x20 or ord(ch) == 0x7F), None)
     if bad is not None:
         raise TopicError("invalid topic", f"topic contains control character {bad!r}")
+    try:
+        topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TopicError("invalid topic", "topic is not UTF-8 text (a lone surrogate)") from None
     if not is_regex_topic(topic):
         return topic.__eq__
     try:

@@ -69,6 +69,17 @@ MAX_CLIENT_NAME = 1024
 """Longest client name a logon may carry, in characters."""
 
 
+def _is_utf8_text(text: str) -> bool:
+    """False for a string with lone surrogates (JSON ``"\\ud800"``): it has no UTF-8 form."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def logon_problem(header: Header) -> tuple[str, str] | None:
     """Return ``(failure reason, detail)`` when a logon's fields cannot be used, else None.
 
@@ -533,6 +544,17 @@ class Connection:
             logger.warning("%r: publish without a (usable) topic", self)
             self.nack(header, "invalid topic")
             return
+        x = header.get("x")
+        if not _is_utf8_text(topic) or (isinstance(x, str) and not _is_utf8_text(x)):
+            # A lone surrogate (a JSON "\\ud800" escape) cannot be logged or delivered.
+            self.broker.counters.malformed_frames += 1
+            logger.warning(
+                "%r: publish with a topic or correlation id that is not UTF-8 text: %s",
+                self,
+                protocol.excerpt(topic),
+            )
+            self.nack(header, "invalid topic" if not _is_utf8_text(topic) else "invalid header")
+            return
         seq = protocol.parse_sequence(header.get("s"))
         types = protocol.ack_types(header) if "a" in header else []
         log = self.broker.log
@@ -540,7 +562,6 @@ class Connection:
             self.broker.counters.duplicates += 1
             logger.debug("%r: duplicate publish s=%d not logged again", self, seq)
         else:
-            x = header.get("x")
             self.broker.publish(self, topic, str(x) if x else None, body, seq)
         if not types:
             return

@@ -199,6 +199,32 @@ class TestLogonFields:
         )
 
 
+class TestPublishFields:
+    @pytest.mark.parametrize(
+        ("fields", "reason"),
+        [('"t":"\\ud800"', "invalid topic"), ('"t":"ok","x":"\\udfff"', "invalid header")],
+        ids=["surrogate-topic", "surrogate-correlation-id"],
+    )
+    def test_publish_that_cannot_be_logged_is_nacked(
+        self, start_broker, raw_clients, fields, reason
+    ):
+        """A publish whose topic or correlation id is not UTF-8 text is nacked and counted,
+        without a traceback; the connection goes on."""
+        broker = start_broker()
+        raw = RawClient(broker.broker.tcp_port)
+        raw_clients.append(raw)
+        raw.logon("surrogates")
+        raw.send_raw(b'{"c":"p","cid":"P","a":"processed",' + fields.encode() + b'}{"a":1}')
+        nack = raw.recv_header()
+        raw.send({"c": "flush", "cid": "F", "a": "processed"})
+        assert (
+            (nack["cid"], nack["status"], nack["reason"]),
+            raw.recv_header()["status"],
+            broker.counter("internal_errors"),
+            broker.counter("published"),
+        ) == (("P", "failure", reason), "success", 0, 0)
+
+
 class TestConnectionLimits:
     def test_client_that_never_logs_on_is_closed(self, start_broker, raw_clients):
         """A connection that sends nothing is closed after logon_timeout_s, and counted."""

@@ -38,6 +38,7 @@ from tests.strategies import (
     header_text,
     hostile_filters,
     logon_headers,
+    publish_headers,
     tcp_streams,
     ws_sequences,
 )
@@ -142,7 +143,9 @@ def test_hostile_tcp_streams(fuzzed: Fuzzed, writes: list[bytes], logon: bool) -
 
 @settings(max_examples=examples(40), deadline=None)
 @given(
-    headers=st.lists(st.one_of(header_text(), logon_headers()), min_size=1, max_size=5),
+    headers=st.lists(
+        st.one_of(header_text(), logon_headers(), publish_headers()), min_size=1, max_size=5
+    ),
     logon=st.booleans(),
 )
 def test_hostile_headers(fuzzed: Fuzzed, headers: list[str], logon: bool) -> None:

@@ -700,3 +700,10 @@ def test_generated_filters_compile_or_refuse_and_always_evaluate(
         except (ValueError, RecursionError):
             values.append(None)
     assert all(type(f(value)) is bool for value in values)
+
+
+def test_topic_that_is_not_utf8_text_is_invalid() -> None:
+    """A topic with a lone surrogate (from a JSON escape) cannot be logged: invalid topic."""
+    with pytest.raises(TopicError) as info:
+        compile_topic("orders\ud800")
+    assert info.value.reason == "invalid topic"
