@@ -23,9 +23,10 @@ The loop (:class:`Persister`):
    ``STATUS=`` and retries the same batch with capped, jittered exponential
    backoff (``retry_max_delay_ms``) until it is on disk. Intake stops
    meanwhile; the AMPS client's queue fills and applies back-pressure.
-3. **Finish**: every span ends after the fsync; the first span of the batch
-   that wrote a line carries an ``fsync`` event with the batch's facts (lines,
-   fsync duration), told once per batch rather than on every span. Then every
+3. **Finish**: every span that wrote a line gets an ``fsync`` event at the
+   fsync's end and every span ends after it; the batch's facts (lines, fsync
+   duration) are attributes of the first such event only, told once per batch
+   rather than on every span. Then every
    message of the batch is discarded from the bookmark store, in delivery
    order. Only now would a restart resume after them.
 
@@ -496,13 +497,13 @@ class Persister:
                 "ampsflow.persister.fsync.duration_s": fsync_s,
             }
         now = time.monotonic()
-        # The batch's facts are told once, on the first span that wrote a line;
-        # every span of the batch ends after the same fdatasync.
-        fsync_event = result is not None
+        # Every span that wrote a line gets a bare ``fsync`` event (its line is
+        # durable); the batch's facts are told once, on the first of them.
+        facts: dict[str, int | float] | None = event_attrs
         for item in batch:
-            if fsync_event and item.line is not None and result is not None:
-                item.span.add_event("fsync", event_attrs, timestamp=result.fsync_end_ns)
-                fsync_event = False
+            if item.line is not None and result is not None:
+                item.span.add_event("fsync", facts, timestamp=result.fsync_end_ns)
+                facts = None
             item.span.end(end_time=end_ns)
             self._instruments.process_duration.record(now - item.started, self._metric_attrs)
         for item in batch:
