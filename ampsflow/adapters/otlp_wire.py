@@ -54,6 +54,9 @@ SLICE_SPANS = 16
 _CACHE_LIMIT = 4096
 """Cached ``key=value`` encodings kept before the cache starts afresh."""
 
+_UNIQUE_AFTER_MISSES = 256
+"""Cache misses after which a key's values count as unique and are not cached."""
+
 _GROUP_CACHE_LIMIT = 64
 """Resources and scopes whose encodings are kept (a daemon has one of each)."""
 
@@ -142,6 +145,8 @@ class SpanEncoder:
 
     def __init__(self) -> None:
         self._kv_cache: dict[tuple[bytes, str, type, object], bytes] = {}
+        self._key_misses: dict[str, int] = {}
+        self._unique_keys: set[str] = set()
         self._resources: dict[int, tuple[Resource, Resource, bytes, bytes]] = {}
         self._scopes: dict[int, tuple[InstrumentationScope | None, object, bytes, bytes]] = {}
         self._canonical_resources: dict[Resource, Resource] = {}
@@ -241,12 +246,13 @@ class SpanEncoder:
         if not attributes:
             return b""
         cache = self._kv_cache
+        unique = self._unique_keys
         parts: list[bytes] = []
         # BoundedAttributes iterates through the Mapping ABC, a call per key;
         # its inner dict holds the same items in the same order.
         plain = attributes._dict if type(attributes) is BoundedAttributes else attributes
         for key, value in plain.items():
-            cacheable = type(value) in _CACHEABLE
+            cacheable = type(value) in _CACHEABLE and key not in unique
             if cacheable:
                 cache_key = (tag, key, type(value), value)
                 encoded = cache.get(cache_key)
@@ -259,11 +265,29 @@ class SpanEncoder:
                 logger.warning("Failed to encode key %s: %s", key, exc)
                 continue
             if cacheable:
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[cache_key] = encoded
+                self._cache_miss(key, cache_key, encoded)
             parts.append(encoded)
         return b"".join(parts)
+
+    def _cache_miss(
+        self, key: str, cache_key: tuple[bytes, str, type, object], encoded: bytes
+    ) -> None:
+        """Remember ``encoded``, unless ``key``'s values rarely repeat (ids, bookmarks).
+
+        A key that missed :data:`_UNIQUE_AFTER_MISSES` times is not cached any
+        more: its values would only push the recurring ones out.
+        """
+        misses = self._key_misses.get(key, 0) + 1
+        if misses >= _UNIQUE_AFTER_MISSES:
+            self._unique_keys.add(key)
+            return
+        self._key_misses[key] = misses
+        cache = self._kv_cache
+        if len(cache) >= _CACHE_LIMIT or len(self._key_misses) >= _CACHE_LIMIT:
+            cache.clear()
+            self._key_misses.clear()
+            self._unique_keys.clear()
+        cache[cache_key] = encoded
 
     # -- trace.v1.Span -----------------------------------------------------------
 

@@ -370,3 +370,19 @@ def test_without_a_known_sdk_exporter_layout_the_sdk_encodes(
         assert fallback.export(spans) is SpanExportResult.SUCCESS
     ((_, body),) = collector.requests
     assert body == official(spans)
+
+
+def test_keys_whose_values_never_repeat_stop_being_cached() -> None:
+    """Unique ids do not push the recurring attributes out; every batch still encodes equal."""
+    encoder = SpanEncoder()
+    for batch in range(3):
+        spans = [
+            span(
+                attributes={"messaging.system": "amps", "id": f"{batch}-{i}", "n": batch * 500 + i}
+            )
+            for i in range(500)
+        ]
+        assert encoder.encode(spans) == official(spans)
+    assert {"id", "n"} <= encoder._unique_keys
+    assert "messaging.system" not in encoder._unique_keys
+    assert any(key[1] == "messaging.system" for key in encoder._kv_cache)
