@@ -63,7 +63,7 @@ _IMMEDIATE = ("received", "parsed", "processed")
 
 
 class Broker(Protocol):
-    """What the queues use of :class:`~ampsflow.devbroker.server.Broker`."""
+    """What the queues use of :class:`~ampsflow.devbroker.broker.Broker`."""
 
     counters: Counters
 

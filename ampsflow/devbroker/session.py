@@ -1,10 +1,10 @@
 """One client connection of the devbroker: command handling, acks, subscriptions.
 
 A :class:`Connection` is transport-agnostic: the TCP and WebSocket adapters in
-:mod:`ampsflow.devbroker.server` feed it decoded ``(header, body)`` pairs through
+:mod:`ampsflow.devbroker.transports` feed it decoded ``(header, body)`` pairs through
 :meth:`Connection.receive` and implement :meth:`Connection.send` / :meth:`Connection.close`.
 Everything that touches the transaction log or other connections goes through the
-:class:`SessionBroker` interface, which :class:`~ampsflow.devbroker.server.Broker`
+:class:`SessionBroker` interface, which :class:`~ampsflow.devbroker.broker.Broker`
 implements.
 
 Commands are handled in arrival order; a logon (which may verify a password off the event
@@ -182,7 +182,7 @@ class SessionQueues(Protocol):
 
 
 class SessionBroker(Protocol):
-    """What a :class:`Connection` needs from the broker (:class:`~ampsflow.devbroker.server.Broker`
+    """What a :class:`Connection` needs from the broker (:class:`~ampsflow.devbroker.broker.Broker`
     implements it); the connection knows the broker only through this."""
 
     counters: Counters

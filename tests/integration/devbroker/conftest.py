@@ -20,7 +20,7 @@ import pytest
 
 from ampsflow.config import DevbrokerConfig
 from ampsflow.devbroker.auth import Users
-from ampsflow.devbroker.server import Broker
+from ampsflow.devbroker.broker import Broker
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[3]

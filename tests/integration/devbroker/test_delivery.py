@@ -58,7 +58,7 @@ class TestFilterCannotEvaluate:
         connect(broker.tcp_uri).subscribe(unfiltered, t)
         connect(broker.tcp_uri).subscribe(filtered, t, "/n > 0")
         publisher = connect(broker.tcp_uri)
-        with caplog.at_level(logging.WARNING, logger="ampsflow.devbroker.server"):
+        with caplog.at_level(logging.WARNING, logger="ampsflow.devbroker.broker"):
             publisher.publish(t, deep_body())
             publisher.publish(t, '{"n":1}')
             publisher.publish_flush(10_000)

@@ -20,7 +20,7 @@ import aiohttp
 import AMPS
 import pytest
 
-from ampsflow.devbroker import server
+from ampsflow.devbroker import broker as broker_module
 from tests.integration.devbroker.conftest import DEADLINE_S, RunningBroker, wait_until
 
 
@@ -191,7 +191,7 @@ class TestSlowConsumer:
         raw_clients.append(publisher)
         publisher.logon("flooder")
         body = b'{"pad":"' + b"x" * 100_000 + b'"}'
-        with caplog.at_level(logging.WARNING, logger="ampsflow.devbroker.server"):
+        with caplog.at_level(logging.WARNING, logger="ampsflow.devbroker.broker"):
             for _ in range(40):
                 publisher.send({"c": "p", "t": "flood"}, body)
             publisher.send({"c": "flush", "cid": "f", "a": "processed"})
@@ -363,7 +363,7 @@ class TestWebSocketBadInput:
 class TestRetention:
     def test_retention_bounds_the_log_and_replay_starts_at_oldest(self, start_broker, monkeypatch):
         """Old segments are deleted while serving; replay from 0 skips them, in order."""
-        monkeypatch.setattr(server, "RETENTION_INTERVAL_S", 0.2)
+        monkeypatch.setattr(broker_module, "RETENTION_INTERVAL_S", 0.2)
         broker = start_broker(segment_bytes=8 * 1024, retention_bytes=32 * 1024)
         client = AMPS.Client("retained")
         client.connect(broker.tcp_uri)
