@@ -239,24 +239,26 @@ class Daemon:
         with self._lock:
             self.notifier.reloading()
             self._reload.set()
+            status = self._status
             try:
-                self._reload_config()
+                status = self._reload_config()
             except Exception:
                 logger.exception("reload failed; the running settings stay in effect")
-            self.notifier.ready(self._status)
+            self.notifier.ready(status)
 
-    def _reload_config(self) -> None:
+    def _reload_config(self) -> str:
+        """Re-read and apply the config; returns the status to report with ``READY=1``."""
         if self._loader is None:
             logger.info("SIGHUP: reopening files (no config file to re-read)")
-            return
+            return self._status
         running = self.config
         try:
             new = self._loader()
         except ConfigError as exc:
             for problem in exc.problems:
                 logger.error("reload rejected, the running settings stay in effect: %s", problem)  # noqa: TRY400 - the problem is the message
-            self.notifier.status(f"reload rejected: {exc.problems[0]}")
-            return
+            # Shown by `systemctl status` until the next reload or status change.
+            return f"reload rejected: {exc.problems[0]}"
         changes = changed_keys(running, new, self._sections)
         live = [key for key in changes if key in self._live_keys]
         restart = [key for key in changes if key not in self._live_keys]
@@ -278,8 +280,8 @@ class Daemon:
             logger.info("reload: applied %s", ", ".join(applied))
         elif not restart:
             logger.info("reload: %s re-read, nothing changed", new.source)
-        self.notifier.status(self._status)
         logger.debug("reload: finished, logging at %s", self.config.logging.level)
+        return self._status
 
     def _apply_live(self, new: Config, live: list[str]) -> list[str]:
         """Apply the generic live keys (logging, sampling); returns those applied."""

@@ -7,7 +7,9 @@ The container shares the host's network, so apt reaches the mirror, pip reaches 
 package index, and every service is moved to free loopback ports first.
 
 Scenarios: the Debian package (``apt install ./ampsflow_*.deb``: start, publish,
-reload, stop, upgrade keeping an edited config, remove, purge) and the pip install
+reload, a reload that raises the log level and one with a broken file, every unit
+up for more than twice its ``WatchdogSec`` with ``NRestarts=0``, stop, upgrade
+keeping an edited config, remove, purge) and the pip install
 (``pip install`` + ``ampsflow setup-system``). Both send a real message through the
 devbroker, processor and persister running under the shipped, sandboxed units.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -114,6 +117,34 @@ def wait_for(what: str, predicate: object, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def container_init(nspawn_pid: int) -> int | None:
+    """The host pid of the container's systemd: a descendant of ``nspawn_pid`` named
+    ``systemd`` whose pid in its own namespace is 1 (``None`` while it is not there)."""
+    pending = [nspawn_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        namespaced = fields.get("NSpid", "").split()
+        if fields.get("Name", "").strip() == "systemd" and namespaced[-1:] == ["1"]:
+            return pid
+        pending.extend(int(child) for child in children)
+    return None
+
+
+def timespan_us(value: str) -> int:
+    """A systemd time span (``30s``, ``1min 30s``, ``500ms``) in microseconds."""
+    units = {"us": 1, "ms": 1000, "s": 1_000_000, "min": 60_000_000, "h": 3_600_000_000}
+    total = 0.0
+    for number, unit in re.findall(r"([0-9.]+)\s*(us|ms|min|s|h)", value):
+        total += float(number) * units[unit]
+    return int(total)
+
+
 class Container:
     """A copy of the root file system booted with systemd-nspawn."""
 
@@ -149,15 +180,12 @@ class Container:
         def leader_found() -> bool:
             if self.nspawn is not None and self.nspawn.poll() is not None:
                 pytest.fail(f"systemd-nspawn exited: {self.log.read_text(errors='replace')}")
-            try:
-                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            except FileNotFoundError:
-                return False
-            if children:
-                self.leader = int(children[0])
-            return bool(children)
+            self.leader = container_init(pid) or 0
+            return bool(self.leader)
 
-        wait_for("the container's PID 1", leader_found, 30)
+        # systemd-nspawn forks intermediate children before the container's init
+        # execs; only a process named systemd that is PID 1 in its namespace is it.
+        wait_for("the container's systemd (PID 1)", leader_found, 30)
 
         def booted() -> bool:
             state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
@@ -452,6 +480,66 @@ def assert_reload_keeps_running(box: Container, python: str, message_id: str) ->
     assert_pipeline_moves(box, python, message_id)
 
 
+def set_log_level(box: Container, python: str, old: str, new: str) -> None:
+    """Edit ``logging.level`` in the config like an operator (``level: old`` -> ``new``)."""
+    script = (
+        f"p = {CONFIG!r}; t = open(p).read()\n"
+        f"a, b = '  level: {old}\\n', '  level: {new}\\n'\n"
+        "assert t.count(a) == 1, a\n"
+        "open(p, 'w').write(t.replace(a, b))\n"
+    )
+    box.run(python, "-c", script)
+
+
+def journal(box: Container, unit: str) -> str:
+    """What ``unit`` logged (message text only)."""
+    return box.run("journalctl", "--no-pager", "-o", "cat", "-u", unit).stdout
+
+
+def assert_reload_applies_and_rejects(box: Container, python: str, message_id: str) -> None:
+    """A reload with ``logging.level: debug`` takes effect in every service; a reload with a
+    broken file changes nothing, keeps every service running and logs why."""
+    box.run("cp", "-p", CONFIG, "/root/ampsflow.yaml.edited")
+    before = main_pids(box)
+    set_log_level(box, python, "info", "debug")
+    box.run("systemctl", "reload", *SERVICES)
+    for unit in SERVICES:
+        wait_for(
+            f"{unit} to log at debug after the reload",
+            lambda unit=unit: "reload: finished, logging at debug" in journal(box, unit),
+        )
+    set_log_level(box, python, "debug", "loud")
+    box.run("systemctl", "reload", *SERVICES)
+    problem = f"{CONFIG}: logging.level: must be one of debug, info, warning, error, got 'loud'"
+    for unit in SERVICES:
+        wait_for(
+            f"{unit} to reject the broken file", lambda unit=unit: problem in journal(box, unit)
+        )
+    rejected = {
+        unit: box.show(unit, "StatusText").startswith("reload rejected") for unit in SERVICES
+    }
+    assert ({unit: True for unit in SERVICES}, before) == (rejected, main_pids(box))
+    assert_pipeline_moves(box, python, message_id)
+    box.run("cp", "-p", "/root/ampsflow.yaml.edited", CONFIG)
+    box.run("systemctl", "reload", *SERVICES)
+
+
+def assert_no_watchdog_restarts(box: Container) -> None:
+    """Every unit has been up for more than twice its WatchdogSec without a restart."""
+    watchdog_us = {unit: timespan_us(box.show(unit, "WatchdogUSec")) for unit in SERVICES}
+    assert all(watchdog_us.values()), watchdog_us
+    started_us = {unit: int(box.show(unit, "ActiveEnterTimestampMonotonic")) for unit in SERVICES}
+
+    def long_enough() -> bool:
+        # The container shares the host's kernel, hence its CLOCK_MONOTONIC.
+        now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return all(now_us - started_us[u] > 2 * watchdog_us[u] for u in SERVICES)
+
+    wait_for("every unit to outlive twice its WatchdogSec", long_enough, 300)
+    expected = {unit: ("0", "active") for unit in SERVICES}
+    assert expected == {unit: (box.show(unit, "NRestarts"), box.active(unit)) for unit in SERVICES}
+
+
 def assert_stop_is_clean(box: Container) -> None:
     """Stopping the target stops all four services, each exiting 0."""
     box.run("systemctl", "stop", "ampsflow.target")
@@ -498,9 +586,8 @@ class TestDebianPackage:
         assert enforced == box.show("ampsflow-processor.service", "MemoryDenyWriteExecute")
         assert_pipeline_moves(box, python, "deb-1")
         assert_reload_keeps_running(box, python, "deb-2")
-        assert {unit: "0" for unit in SERVICES} == {
-            unit: box.show(unit, "NRestarts") for unit in SERVICES
-        }
+        assert_reload_applies_and_rejects(box, python, "deb-2b")
+        assert_no_watchdog_restarts(box)
         assert_stop_is_clean(box)
 
         # Upgrade while running: the edited config is kept without a prompt and the
@@ -524,7 +611,7 @@ class TestDebianPackage:
         box.run("apt-get", "remove", "-y", "-q", "ampsflow")
         for unit in SERVICES:
             wait_for(f"{unit} stopped by remove", lambda unit=unit: box.active(unit) == "inactive")
-        assert {"deb-1", "deb-2", "deb-3"} <= set(persisted(box))
+        assert {"deb-1", "deb-2", "deb-2b", "deb-3"} <= set(persisted(box))
         box.run("apt-get", "purge", "-y", "-q", "ampsflow")
         leftovers = box.run(
             "sh",

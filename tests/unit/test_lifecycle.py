@@ -227,11 +227,13 @@ class TestReload:
         config_file.write("logging: [")
         config_file.daemon.handle_signal(signal.SIGHUP)
         sent = config_file.notifier.sent
-        assert (True, True) == (
+        expected = (True, True, True)
+        actual = (
             sent[0].startswith("RELOADING=1"),
             sent[-1].startswith("READY=1"),
+            f"STATUS=reload rejected: {config_file.path}: line" in sent[-1],
         )
-        assert any(m.startswith("STATUS=reload rejected: ") for m in sent)
+        assert expected == actual
 
     def test_service_callback_gets_the_new_settings(self, config_file: ConfigFile) -> None:
         """on_reload callbacks see the running and the reloaded settings."""
