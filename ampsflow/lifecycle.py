@@ -58,6 +58,7 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+from ampsflow.adapters.export_health import ExportLogFilter
 from ampsflow.adapters.systemd import Notifier
 from ampsflow.adapters.telemetry import Telemetry, setup_telemetry
 from ampsflow.config import Config, changed_keys, key_value, merge_keys
@@ -83,6 +84,9 @@ WATCHDOG_TICK_S = 1.0
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _HANDLED = {*_STOP_SIGNALS, signal.SIGHUP}
+
+_LOG_FILTERS = (ExportLogFilter(),)
+"""Telemetry export errors: one warning when failing starts, one line when it ends."""
 
 ReloadCallback = Callable[[Config, Config], None]
 """Called as ``callback(running, new)`` on a reload with a valid file."""
@@ -288,7 +292,7 @@ class Daemon:
         applied = [key for key in live if not key.startswith(("logging.", "telemetry."))]
         if any(key.startswith("logging.") for key in live):
             try:
-                configure_logging(new.logging, service=self.name)
+                configure_logging(new.logging, service=self.name, filters=_LOG_FILTERS)
             except OSError as exc:
                 logger.error(  # noqa: TRY400 - one line says it all
                     "reload: %s: logging.file: cannot open %s: %s; logging stays as it was",
@@ -392,7 +396,7 @@ def run_service(
         tracing: Whether the service emits spans (set up telemetry).
         notifier: sd_notify client (default: from the environment).
     """
-    configure_logging(config.logging, service=service_name)
+    configure_logging(config.logging, service=service_name, filters=_LOG_FILTERS)
     daemonize = bool(getattr(args, "daemonize", False))
     pid_file: Path | None = getattr(args, "pid_file", None)
     daemon = Daemon(

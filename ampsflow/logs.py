@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import Sequence
 
 from opentelemetry import trace
 
@@ -35,11 +36,15 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
-def configure_logging(config: LoggingConfig, *, service: str) -> None:
+def configure_logging(
+    config: LoggingConfig, *, service: str, filters: Sequence[logging.Filter] = ()
+) -> None:
     """Install the root handler for ``service`` according to ``config``.
 
     Under journald (``JOURNAL_STREAM`` set) lines carry no timestamp, since the
-    journal adds its own; elsewhere they start with one.
+    journal adds its own; elsewhere they start with one. ``filters`` are added to
+    the handler (the lifecycle adds the telemetry export filter,
+    :class:`ampsflow.adapters.export_health.ExportLogFilter`).
     """
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -54,6 +59,8 @@ def configure_logging(config: LoggingConfig, *, service: str) -> None:
         fmt = _FORMAT if os.environ.get("JOURNAL_STREAM") else f"%(asctime)s {service} {_FORMAT}"
     handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(TraceContextFilter())
+    for extra in filters:
+        handler.addFilter(extra)
     root.addHandler(handler)
     root.setLevel(config.level.upper())
     # Third-party libraries log per request at INFO; keep them at WARNING so

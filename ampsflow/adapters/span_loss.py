@@ -19,6 +19,8 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from ampsflow.adapters.export_health import EXPORT_HEALTH
+
 logger = logging.getLogger(__name__)
 
 
@@ -107,8 +109,11 @@ class CountingExporter(SpanExporter):
             result = self._inner.export(spans)
         except Exception:
             self._losses.on_export(len(spans), ok=False)
+            EXPORT_HEALTH.report("spans", ok=False, items=len(spans), lost_total=self._losses.lost)
             raise
-        self._losses.on_export(len(spans), ok=result is SpanExportResult.SUCCESS)
+        ok = result is SpanExportResult.SUCCESS
+        self._losses.on_export(len(spans), ok=ok)
+        EXPORT_HEALTH.report("spans", ok=ok, items=len(spans), lost_total=self._losses.lost)
         return result
 
     def shutdown(self) -> None:

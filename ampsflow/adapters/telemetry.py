@@ -26,8 +26,9 @@ for a service:
 :meth:`Telemetry.shutdown` flushes every queued span; services call it last on
 SIGTERM so no span is lost when systemd stops them. Spans the batch queue had
 to drop and spans whose export failed are counted
-(``ampsflow.telemetry.spans.dropped``) and reported by a rate-limited warning
-(:mod:`ampsflow.adapters.span_loss`).
+(``ampsflow.telemetry.spans.dropped``, :mod:`ampsflow.adapters.span_loss`). An
+unreachable collector is logged once when export starts failing and once when it
+recovers, with the count lost in between (:mod:`ampsflow.adapters.export_health`).
 
 The rest of the telemetry is one module per concept: the instruments and span
 attributes in :mod:`ampsflow.adapters.instruments`, the trace context carried
@@ -80,6 +81,7 @@ from opentelemetry.trace import (
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from ampsflow import __version__
+from ampsflow.adapters.export_health import HealthReportingMetricExporter
 from ampsflow.adapters.instruments import BATCH_SIZE_BUCKETS, DURATION_BUCKETS_S, Instruments
 from ampsflow.adapters.sampling import RatioSampler
 from ampsflow.adapters.span_loss import CountingExporter, CountingProcessor, SpanLossCounter
@@ -222,7 +224,8 @@ def setup_telemetry(
         if metric_exporter is not None:
             readers.append(
                 PeriodicExportingMetricReader(
-                    metric_exporter, export_interval_millis=config.metrics_interval_ms
+                    HealthReportingMetricExporter(metric_exporter),
+                    export_interval_millis=config.metrics_interval_ms,
                 )
             )
     meter_provider = MeterProvider(

@@ -47,7 +47,13 @@ MAX_QUEUE_SIZE = 1024
 RSS_GROWTH_LIMIT_KIB = 32 * 1024
 """How much a daemon's resident memory may grow during the outage."""
 
-DROP_WARNING = re.compile(r"telemetry lost (\d+) span\(s\) so far")
+FAILING = re.compile(r"telemetry: span export is failing")
+RECOVERED = re.compile(
+    r"telemetry: span export recovered after \d+ s; (\d+) span\(s\) lost meanwhile"
+)
+EXPORTER_NOISE = re.compile(
+    r"(?:WARNING|ERROR) opentelemetry\.|telemetry lost \d+ span\(s\) so far"
+)
 
 DROP_COUNTER = "ampsflow.telemetry.spans.dropped"
 
@@ -144,7 +150,7 @@ def outage_run(phoenix: Phoenix, tmp_path_factory: pytest.TempPathFactory) -> It
             print(
                 f"collector outage {run.outage_s:.1f}s; RSS KiB before {run.rss_before_kib}, "
                 f"peak during {run.rss_peak_during_kib}; dropped {run.dropped_counted}; warnings "
-                f"{ {n: DROP_WARNING.findall(t) for n, t in run.logs.items()} }; "
+                f"{ {n: RECOVERED.findall(t) for n, t in run.logs.items()} }; "
                 f"log lines { {n: len(t.splitlines()) for n, t in run.logs.items()} }"
             )
             yield run
@@ -166,19 +172,20 @@ class TestCollectorOutage:
         assert outage_run.dropped_counted[daemon] > 0, outage_run.dropped_counted
 
     @pytest.mark.parametrize("daemon", DAEMONS)
-    def test_dropped_spans_are_reported_by_a_rate_limited_warning(
+    def test_outage_is_one_warning_and_one_recovery_line(
         self, outage_run: OutageRun, daemon: str
     ) -> None:
-        """Each daemon warns that it lost spans, at most once per ten seconds of outage."""
-        warnings = [int(n) for n in DROP_WARNING.findall(outage_run.logs[daemon])]
-        allowed = 1 + int(outage_run.outage_s // 10) + 1
-        expected = (True, True, True)
+        """Each daemon warns once when export fails and once, with the loss, when it is back."""
+        log = outage_run.logs[daemon]
+        lost = [int(n) for n in RECOVERED.findall(log)]
+        expected = (1, 1, True, [])
         actual = (
-            len(warnings) >= 1,
-            len(warnings) <= allowed,
-            max(warnings or [0]) > len(warnings),
+            len(FAILING.findall(log)),
+            len(lost),
+            bool(lost) and lost[0] > 0,
+            EXPORTER_NOISE.findall(log),
         )
-        assert expected == actual, (warnings, outage_run.outage_s)
+        assert expected == actual, log[-3000:]
 
     @pytest.mark.parametrize("daemon", DAEMONS)
     def test_memory_stays_bounded_during_the_outage(
