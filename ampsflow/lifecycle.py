@@ -194,14 +194,24 @@ class Daemon:
             except Exception:
                 logger.exception("stop callback failed")
 
-    def on_stop(self, callback: Callable[[], object]) -> None:
+    def on_stop(self, callback: Callable[[], object]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) when the stop is requested.
 
         Asyncio services pass ``lambda: loop.call_soon_threadsafe(event.set)``.
+
+        Returns:
+            A function that removes the callback again (call it before the
+            event loop the callback wakes is closed).
         """
         self._stop_callbacks.append(callback)
         if self.stop.is_set():
             callback()
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._stop_callbacks.remove(callback)
+
+        return remove
 
     def restore_signal_handling(self) -> None:
         """End the signal thread and unblock the signals it took."""
@@ -359,11 +369,15 @@ async def serve_until_stopped(daemon: Daemon, *, tick_s: float = WATCHDOG_TICK_S
     """
     loop = asyncio.get_running_loop()
     woken = asyncio.Event()
-    daemon.on_stop(lambda: loop.call_soon_threadsafe(woken.set))
-    while not daemon.stop.is_set():
-        daemon.watchdog()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(woken.wait(), timeout=tick_s)
+    remove = daemon.on_stop(lambda: loop.call_soon_threadsafe(woken.set))
+    try:
+        while not daemon.stop.is_set():
+            daemon.watchdog()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout=tick_s)
+    finally:
+        # The lifecycle requests the stop once more after the loop is closed.
+        remove()
 
 
 def run_service(

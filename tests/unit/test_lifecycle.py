@@ -377,6 +377,21 @@ class TestRunService:
         )
         assert (0, [None]) == (code, seen)
 
+    def test_asyncio_service_leaves_no_callback_on_a_closed_loop(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A stop requested after the event loop has closed logs no error."""
+        daemon = Daemon("t", notifier=RecordingNotifier())
+
+        async def main() -> None:
+            asyncio.get_running_loop().call_later(0.05, daemon.stop.set)
+            await serve_until_stopped(daemon, tick_s=0.01)
+
+        asyncio.run(main())
+        with caplog.at_level(logging.ERROR, logger="ampsflow.lifecycle"):
+            daemon.request_stop()
+        assert [] == caplog.records
+
     def test_startup_failure_is_one_line(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A StartupError gives exit 1 and one 'ampsflow <service>: reason' line on stderr."""
 
