@@ -4,7 +4,8 @@ The daemons export through a relay in front of Phoenix; switching the relay
 off makes the collector's port refuse connections, switching it on again
 restores it. With a deliberately small span queue the daemons must drop spans
 (counted by ``ampsflow.telemetry.spans.dropped``, read from a metrics capture
-endpoint that stays up, and reported by a rate-limited warning) instead of stalling the
+endpoint that stays up, and logged in two lines: one warning when export starts
+failing, one with the number lost when it recovers) instead of stalling the
 pipeline or growing without bound; messages keep flowing (the audit is clean);
 and once the collector is back, the spans of new messages arrive.
 """
