@@ -108,12 +108,13 @@ class CountingExporter(SpanExporter):
         try:
             result = self._inner.export(spans)
         except Exception:
-            self._losses.on_export(len(spans), ok=False)
             EXPORT_HEALTH.report("spans", ok=False, items=len(spans), lost_total=self._losses.lost)
+            self._losses.on_export(len(spans), ok=False)
             raise
         ok = result is SpanExportResult.SUCCESS
-        self._losses.on_export(len(spans), ok=ok)
+        # Health first: once it knows export is failing, the loss warning below is held back.
         EXPORT_HEALTH.report("spans", ok=ok, items=len(spans), lost_total=self._losses.lost)
+        self._losses.on_export(len(spans), ok=ok)
         return result
 
     def shutdown(self) -> None:

@@ -134,7 +134,7 @@ class TestRealExporter:
     def test_unreachable_collector_logs_one_warning(
         self, collected: tuple[ExportHealth, Collected, Clock], monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Spans exported to a closed port give one warning, none of the exporter's own lines."""
+        """A closed port gives one warning: no exporter line, no periodic span-loss warning."""
         health, handler, _ = collected
         monkeypatch.setattr("ampsflow.adapters.span_loss.EXPORT_HEALTH", health)
         with socket.socket() as probe:
@@ -152,7 +152,8 @@ class TestRealExporter:
             telemetry.force_flush(2)
         telemetry.shutdown(2)
         failing = [line for line in handler.lines if "span export is failing" in line]
-        assert ([], 1) == (
+        assert ([], [], 1) == (
             [line for line in handler.lines if "opentelemetry" in line.split(":")[0]],
+            [line for line in handler.lines if "span(s) so far" in line],
             len(failing),
         )
