@@ -41,9 +41,10 @@ from ampsflow.config import DevbrokerConfig, parse_host_port
 from ampsflow.devbroker import protocol
 from ampsflow.devbroker.auth import Users
 from ampsflow.devbroker.bookmarks import ReplaySpec
+from ampsflow.devbroker.counters import Counters
 from ampsflow.devbroker.queueing import QueueService
 from ampsflow.devbroker.queues import RECORD_TOPIC
-from ampsflow.devbroker.session import Connection, Counters, Subscription
+from ampsflow.devbroker.session import Connection, Subscription
 from ampsflow.devbroker.transports import OUTBOUND_HIGH_WATER, TcpConnection, serve_websocket
 from ampsflow.devbroker.txlog import LogEntry, ReplayCursor, TransactionLog
 from ampsflow.errors import (
@@ -316,6 +317,19 @@ class Broker:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("devbroker task failed", exc_info=task.exception())
+
+    @property
+    def appended_position(self) -> int:
+        """The log position of the last entry appended (durable or not)."""
+        return self.log.last_position
+
+    def persisted_seq(self, client_name: str) -> int:
+        """The highest publish-store sequence of ``client_name`` that is durable."""
+        return self.log.highest_client_seq(client_name)
+
+    def appended_seq(self, client_name: str) -> int:
+        """The highest publish-store sequence of ``client_name`` appended (durable or not)."""
+        return self.log.highest_appended_client_seq(client_name)
 
     # ------------------------------------------------------------------ connections
 

@@ -34,6 +34,7 @@ from typing import Protocol, cast
 
 from ampsflow.config import DevbrokerQueueConfig
 from ampsflow.devbroker import protocol
+from ampsflow.devbroker.counters import Counters
 from ampsflow.devbroker.filters import compile_filter, compile_topic
 from ampsflow.devbroker.queues import (
     ACK,
@@ -47,7 +48,7 @@ from ampsflow.devbroker.queues import (
     encode_record,
     split_bookmarks,
 )
-from ampsflow.devbroker.session import Connection, Counters, Subscription
+from ampsflow.devbroker.session import Connection, Subscription
 from ampsflow.devbroker.txlog import LogEntry, ReplayCursor, TransactionLog
 from ampsflow.errors import FilterError, ProtocolError
 

@@ -19,20 +19,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ampsflow.config import DevbrokerConfig
 from ampsflow.devbroker import protocol
 from ampsflow.devbroker.auth import Users
 from ampsflow.devbroker.bookmarks import ReplaySpec, parse_bookmark, publisher_id
+from ampsflow.devbroker.counters import Counters
 from ampsflow.devbroker.filters import (
     FilterLimits,
     compile_filter,
     compile_topic,
     is_regex_topic,
 )
-from ampsflow.devbroker.txlog import TransactionLog
 from ampsflow.errors import BookmarkError, FilterError, ProtocolError, TopicError
 
 logger = logging.getLogger(__name__)
@@ -103,42 +103,6 @@ def logon_problem(header: Header) -> tuple[str, str] | None:
     return None
 
 
-@dataclass(slots=True)
-class Counters:
-    """What the broker has seen since it started (logged at shutdown and every minute)."""
-
-    connections_opened: int = 0
-    connections_closed: int = 0
-    logons: int = 0
-    auth_failures: int = 0
-    frames_in: int = 0
-    published: int = 0
-    duplicates: int = 0
-    delivered: int = 0
-    replayed: int = 0
-    commits: int = 0
-    commit_failures: int = 0
-    subscriptions: int = 0
-    nacks: int = 0
-    malformed_frames: int = 0
-    oversized_frames: int = 0
-    unsupported_commands: int = 0
-    slow_consumers: int = 0
-    heartbeat_timeouts: int = 0
-    internal_errors: int = 0
-    filter_errors: int = 0
-    fell_behind: int = 0
-    oversized_headers: int = 0
-    bad_logons: int = 0
-    logon_timeouts: int = 0
-    connections_refused: int = 0
-    accept_errors: int = 0
-
-    def as_text(self) -> str:
-        """Return ``name=value`` pairs for a log line."""
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
-
-
 @dataclass(slots=True, eq=False)
 class Subscription:
     """One subscription of one connection."""
@@ -195,8 +159,16 @@ class SessionBroker(Protocol):
         ...
 
     @property
-    def log(self) -> TransactionLog:
-        """The transaction log publishes are appended to."""
+    def appended_position(self) -> int:
+        """The log position of the last entry appended (durable or not)."""
+        ...
+
+    def persisted_seq(self, client_name: str) -> int:
+        """The highest publish-store sequence of ``client_name`` that is durable."""
+        ...
+
+    def appended_seq(self, client_name: str) -> int:
+        """The highest publish-store sequence of ``client_name`` appended (durable or not)."""
         ...
 
     @property
@@ -251,6 +223,7 @@ class Connection:
 
     def __init__(self, broker: SessionBroker, peer: str) -> None:
         self.broker = broker
+        self.counters = broker.counters
         self.peer = peer
         self.client_name = ""
         self.logged_on = False
@@ -322,7 +295,7 @@ class Connection:
         self._logon_timer = None
         if self.logged_on or self.closed:
             return
-        self.broker.counters.logon_timeouts += 1
+        self.counters.logon_timeouts += 1
         logger.warning(
             "%r: not logged on %g s after connecting; closing",
             self,
@@ -337,7 +310,7 @@ class Connection:
 
         The transport updates :attr:`last_received`.
         """
-        self.broker.counters.frames_in += 1
+        self.counters.frames_in += 1
         if self._backlog is not None:
             self._backlog_bytes += len(body)
             if (
@@ -360,14 +333,14 @@ class Connection:
         try:
             self._dispatch(header, body)
         except ProtocolError as exc:
-            self.broker.counters.malformed_frames += 1
+            self.counters.malformed_frames += 1
             logger.warning(
                 "%r: bad %s command: %s", self, protocol.excerpt(header.get("c", "?")), exc
             )
             self.nack(header, "invalid header")
         except Exception:
             # One command's failure must not take the connection or the broker down.
-            self.broker.counters.internal_errors += 1
+            self.counters.internal_errors += 1
             logger.exception("%r: %s command failed", self, protocol.excerpt(header.get("c", "?")))
             self.nack(header, "internal error")
 
@@ -389,7 +362,7 @@ class Connection:
         elif cmd == MALFORMED:
             self.nack({"cid": header["cid"]}, "invalid header")
         elif not self.logged_on:
-            self.broker.counters.malformed_frames += 1
+            self.counters.malformed_frames += 1
             logger.warning("%r: %s before logon; closing", self, protocol.excerpt(cmd))
             self.nack(header, "logon required")
             self.close("command before logon")
@@ -404,11 +377,11 @@ class Connection:
         elif cmd == "sow_delete" and header.get("cid") == QUEUE_ACK_CID:
             self._queue_ack(header)
         elif cmd in UNSUPPORTED:
-            self.broker.counters.unsupported_commands += 1
+            self.counters.unsupported_commands += 1
             logger.info("%r: refused unsupported command %s", self, cmd)
             self.nack(header, UNSUPPORTED[cmd])
         else:
-            self.broker.counters.unsupported_commands += 1
+            self.counters.unsupported_commands += 1
             logger.warning("%r: unknown command %s", self, protocol.excerpt(cmd))
             self.nack(
                 header, f"unknown command {protocol.excerpt(cmd, 40)}" if cmd else "missing command"
@@ -427,7 +400,7 @@ class Connection:
         A command that asked for no ack and has no ``cid`` cannot be answered; the failure
         is only logged.
         """
-        self.broker.counters.nacks += 1
+        self.counters.nacks += 1
         types = protocol.ack_types(command)
         if not types and not command.get("cid"):
             logger.info(
@@ -442,10 +415,10 @@ class Connection:
 
     def add_persisted(self, seq: int) -> None:
         """Acknowledge publish-store sequence ``seq`` once all logged so far is durable."""
-        if self.broker.log.last_position <= self.broker.delivered_position:
+        if self.broker.appended_position <= self.broker.delivered_position:
             self.send(protocol.persisted_publish_ack(seq))
             return
-        self.pending_persisted.append((self.broker.log.last_position, seq))
+        self.pending_persisted.append((self.broker.appended_position, seq))
         self.broker.wants_persisted_ack(self)
 
     def flush_persisted(self, durable: int) -> None:
@@ -464,7 +437,7 @@ class Connection:
             await self._logon_steps(header)
         except Exception:
             # A logon always gets an answer: the client would otherwise wait forever.
-            self.broker.counters.internal_errors += 1
+            self.counters.internal_errors += 1
             logger.exception("%r: logon failed", self)
             if not self.closed:
                 self.nack(header, "internal error")
@@ -484,7 +457,7 @@ class Connection:
         refused = logon_problem(header)
         if refused is not None:
             reason, detail = refused
-            self.broker.counters.bad_logons += 1
+            self.counters.bad_logons += 1
             logger.warning("%r: logon refused (%s): %s", self, reason, detail)
             self.nack(header, reason)
             self.close(reason)
@@ -493,7 +466,7 @@ class Connection:
         if self.closed:
             return
         if not ok:
-            self.broker.counters.auth_failures += 1
+            self.counters.auth_failures += 1
             logger.warning(
                 "%r: auth failure for user %s", self, protocol.excerpt(header.get("user_id", ""))
             )
@@ -509,17 +482,14 @@ class Connection:
         self.client_name = str(header.get("client_name", ""))
         # The client discards its publish store up to this sequence: report only what
         # is durable, after waiting for what this name already has in flight.
-        log = self.broker.log
-        if log.highest_appended_client_seq(self.client_name) > log.highest_client_seq(
-            self.client_name
-        ):
+        if self.broker.appended_seq(self.client_name) > self.broker.persisted_seq(self.client_name):
             await self.broker.wait_durable()
         if self.closed:
             return
-        last = self.broker.log.highest_client_seq(self.client_name)
+        last = self.broker.persisted_seq(self.client_name)
         self.logged_on = True
         self.cancel_logon_timer()
-        self.broker.counters.logons += 1
+        self.counters.logons += 1
         logger.debug("%r: logged on (last persisted sequence %d)", self, last)
         self.send(
             protocol.logon_ack(
@@ -540,14 +510,14 @@ class Connection:
     def _publish(self, header: Header, body: bytes) -> None:
         topic = header.get("t")
         if not topic or not isinstance(topic, str) or topic.startswith("\x00"):
-            self.broker.counters.malformed_frames += 1
+            self.counters.malformed_frames += 1
             logger.warning("%r: publish without a (usable) topic", self)
             self.nack(header, "invalid topic")
             return
         x = header.get("x")
         if not _is_utf8_text(topic) or (isinstance(x, str) and not _is_utf8_text(x)):
             # A lone surrogate (a JSON "\\ud800" escape) cannot be logged or delivered.
-            self.broker.counters.malformed_frames += 1
+            self.counters.malformed_frames += 1
             logger.warning(
                 "%r: publish with a topic or correlation id that is not UTF-8 text: %s",
                 self,
@@ -557,9 +527,8 @@ class Connection:
             return
         seq = protocol.parse_sequence(header.get("s"))
         types = protocol.ack_types(header) if "a" in header else []
-        log = self.broker.log
-        if seq is not None and seq <= log.highest_appended_client_seq(self.client_name):
-            self.broker.counters.duplicates += 1
+        if seq is not None and seq <= self.broker.appended_seq(self.client_name):
+            self.counters.duplicates += 1
             logger.debug("%r: duplicate publish s=%d not logged again", self, seq)
         else:
             self.broker.publish(self, topic, str(x) if x else None, body, seq)
@@ -689,7 +658,7 @@ class Connection:
     def _filter_failed(self, exc: Exception) -> None:
         # The fan-out logs undecodable bodies; a failure inside the predicate is rarer
         # still (an exhausted stack): count it with them.
-        self.broker.counters.filter_errors += 1
+        self.counters.filter_errors += 1
         logger.debug("%r: filter evaluation failed: %s", self, exc)
 
     def _unsubscribe(self, header: Header) -> None:
@@ -707,7 +676,7 @@ class Connection:
         """Heartbeats (send, and time out a silent client) and subscription persisted acks."""
         if self.heartbeat_s is not None:
             if now - self.last_received > 3 * self.heartbeat_s:
-                self.broker.counters.heartbeat_timeouts += 1
+                self.counters.heartbeat_timeouts += 1
                 logger.warning(
                     "%r: no traffic for %.1f s (heartbeat %g s); closing",
                     self,

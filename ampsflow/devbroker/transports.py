@@ -255,7 +255,7 @@ class TcpConnection(Connection, asyncio.Protocol):
             # Until its logon a client sends headers only: a frame must fit max_header_bytes.
             limit = self._max_frame if self.logon_seen else self._max_header
             if length > limit:
-                self.broker.counters.oversized_frames += 1
+                self.counters.oversized_frames += 1
                 logger.warning(
                     "%r: frame of %d bytes exceeds %s %d; closing",
                     self,
@@ -319,7 +319,7 @@ class TcpConnection(Connection, asyncio.Protocol):
     def _over_limit(self, queued: int) -> None:
         """The hard memory bound: more than ``max_outbound_bytes`` was already waiting when
         more came (flow control keeps a client that reads far below it)."""
-        self.broker.counters.slow_consumers += 1
+        self.counters.slow_consumers += 1
         logger.warning(
             "%r: %d bytes queued, more than max_outbound_bytes + max_frame_bytes (%d); "
             "disconnecting slow consumer",
@@ -409,7 +409,7 @@ class WsConnection(Connection):
             return
         if self._queued_bytes > self._max_out:
             # The hard memory bound (flow control keeps a client that reads far below it).
-            self.broker.counters.slow_consumers += 1
+            self.counters.slow_consumers += 1
             logger.warning(
                 "%r: %d bytes queued, more than max_outbound_bytes + max_frame_bytes (%d); "
                 "disconnecting slow consumer",
