@@ -138,6 +138,7 @@ class Daemon:
         self._reload_callbacks: list[ReloadCallback] = []
         self._stop_callbacks: list[Callable[[], object]] = []
         self._status = ""
+        self._is_ready = False
         self._lock = threading.Lock()
         self._signal_thread: threading.Thread | None = None
         self._signals_closed = False
@@ -251,14 +252,21 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: announce, reopen, re-read the config, apply, report, announce ready."""
         with self._lock:
-            self.notifier.reloading()
+            # Before READY=1 (still connecting) the reload is done but not announced:
+            # a READY=1 here would tell systemd the start had finished.
+            started = self._is_ready
+            if started:
+                self.notifier.reloading()
             self._reload.set()
             status = self._status
             try:
                 status = self._reload_config()
             except Exception:
                 logger.exception("reload failed; the running settings stay in effect")
-            self.notifier.ready(status)
+            if started:
+                self.notifier.ready(status)
+            elif status != self._status:
+                self.notifier.status(status)
 
     def _reload_config(self) -> str:
         """Re-read and apply the config; returns the status to report with ``READY=1``."""
@@ -329,6 +337,7 @@ class Daemon:
         """``READY=1`` with a status line: call once working."""
         logger.info("ready: %s", status)
         self._status = status
+        self._is_ready = True
         self.notifier.ready(status)
 
     def status(self, status: str) -> None:

@@ -71,7 +71,9 @@ def _restore_logging() -> Iterator[None]:
 class ConfigFile:
     """A config file on disk and a daemon that reloads from it."""
 
-    def __init__(self, path: Path, *, live_keys: frozenset[str] = LIVE_KEYS_COMMON) -> None:
+    def __init__(
+        self, path: Path, *, live_keys: frozenset[str] = LIVE_KEYS_COMMON, ready: bool = True
+    ) -> None:
         self.path = path
         self.write("logging: {level: info}\nprocessor: {input_topic: internal}\n")
         self.notifier = RecordingNotifier()
@@ -84,6 +86,9 @@ class ConfigFile:
             sections=("logging", "telemetry", "processor"),
             live_keys=live_keys,
         )
+        if ready:
+            self.daemon.ready("working")
+            self.notifier.sent.clear()
 
     def write(self, text: str) -> None:
         self.path.write_text(text, encoding="utf-8")
@@ -163,6 +168,17 @@ class TestSignals:
 
 
 class TestReload:
+    def test_reload_before_ready_does_not_announce_ready(self, tmp_path: Path) -> None:
+        """A SIGHUP while still starting applies the file but sends no RELOADING=1/READY=1."""
+        config_file = ConfigFile(tmp_path / "c.yaml", ready=False)
+        config_file.write("logging: {level: debug}\nprocessor: {input_topic: internal}\n")
+        config_file.daemon.handle_signal(signal.SIGHUP)
+        sent = config_file.notifier.sent
+        assert ([], "debug") == (
+            [m for m in sent if m.startswith(("READY=1", "RELOADING=1"))],
+            config_file.daemon.config.logging.level,
+        )
+
     def test_changed_level_applies(self, config_file: ConfigFile) -> None:
         """A reload with a new logging.level changes the root logger's level."""
         config_file.write("logging: {level: debug}\nprocessor: {input_topic: internal}\n")
