@@ -12,10 +12,12 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import AMPS
 import pytest
 
 from ampsflow.config import DevbrokerConfig
@@ -214,3 +216,21 @@ def broker_process(tmp_path: Path) -> Iterator[BrokerProcess]:
         yield proc
     finally:
         proc.cleanup()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., AMPS.Client]]:
+    """Connect and log on official clients; all are closed at teardown."""
+    clients: list[AMPS.Client] = []
+
+    def make(uri: str, name: str | None = None) -> AMPS.Client:
+        client = AMPS.Client(name or f"c{uuid.uuid4().hex[:8]}")
+        clients.append(client)
+        client.connect(uri)
+        client.logon()
+        return client
+
+    yield make
+    for client in clients:
+        with contextlib.suppress(AMPS.AMPSException):
+            client.close()

@@ -29,23 +29,6 @@ def deep_body(depth: int = DEEP) -> str:
     return '{"a":' * depth + "1" + "}" * depth
 
 
-@pytest.fixture
-def connect() -> Iterator[Callable[..., AMPS.Client]]:
-    """Connect and log on official clients; all are closed at teardown."""
-    clients: list[AMPS.Client] = []
-
-    def make(uri: str, name: str | None = None) -> AMPS.Client:
-        client = AMPS.Client(name or f"c{uuid.uuid4().hex[:8]}")
-        clients.append(client)
-        client.connect(uri)
-        client.logon()
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
 class TestFilterCannotEvaluate:
     def test_live_delivery_goes_on_for_everyone(
         self, start_broker: Callable[..., RunningBroker], connect, caplog

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -39,23 +38,6 @@ class Received:
 
 def topic() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def connect() -> Iterator[Callable[..., AMPS.Client]]:
-    """Connect and log on official clients; all are closed at teardown."""
-    clients: list[AMPS.Client] = []
-
-    def make(uri: str, name: str | None = None) -> AMPS.Client:
-        client = AMPS.Client(name or f"c{uuid.uuid4().hex[:8]}")
-        clients.append(client)
-        client.connect(uri)
-        client.logon()
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 class TestLogon:

@@ -74,24 +74,6 @@ def queue_broker(start_broker) -> Callable[..., RunningBroker]:
     return start
 
 
-@pytest.fixture
-def connect() -> Iterator[Callable[..., AMPS.Client]]:
-    """Connect and log on official clients; all are closed at teardown."""
-    clients: list[AMPS.Client] = []
-
-    def make(uri: str, name: str | None = None) -> AMPS.Client:
-        client = AMPS.Client(name or f"c{uuid.uuid4().hex[:8]}")
-        clients.append(client)
-        client.connect(uri)
-        client.logon()
-        return client
-
-    yield make
-    for client in clients:
-        with contextlib.suppress(AMPS.AMPSException):
-            client.close()
-
-
 def publish(client: AMPS.Client, count: int, start: int = 0) -> list[str]:
     bodies = [f'{{"n":{n}}}' for n in range(start, start + count)]
     for body in bodies:
