@@ -54,7 +54,7 @@ from ampsflow.errors import OtlpBodyError, StartupError
 from ampsflow.lifecycle import LIVE_KEYS_COMMON, Daemon, run_service, serve_until_stopped
 from ampsflow.services.marker.guard import Guard
 from ampsflow.services.marker.otlp import decompress, span_records
-from ampsflow.services.marker.relay import Forwarder
+from ampsflow.services.marker.relay import ForwardCounters, Forwarder
 
 logger = logging.getLogger(__name__)
 
@@ -217,10 +217,7 @@ def page_config(config: MarkerConfig) -> dict[str, object]:
 class Counters:
     """What the proxies did since startup; served on ``/healthz``."""
 
-    otlp_forwarded: int = 0
     otlp_too_large: int = 0
-    otlp_upstream_errors: int = 0
-    otlp_upstream_timeouts: int = 0
     otlp_dropped_no_upstream: int = 0
     otlp_malformed: int = 0
     otlp_spans_received: int = 0
@@ -385,14 +382,15 @@ def health_counters(app: web.Application) -> dict[str, object]:
     """The body of ``/healthz`` for an app built by :func:`build_app`."""
     state = app[_STATE]
     body: dict[str, object] = {"status": "ok", **dataclasses.asdict(state.counters)}
+    # The short names predate the forwarder's own counters; they stay for dashboards.
+    forward = state.forwarder.counters if state.forwarder is not None else ForwardCounters()
     if state.forwarder is not None:
-        forward = state.forwarder.counters
         body |= {f"otlp_forward_{k}": v for k, v in dataclasses.asdict(forward).items()}
-        body |= {
-            "otlp_forwarded": forward.forwarded,
-            "otlp_upstream_errors": forward.upstream_errors,
-            "otlp_upstream_timeouts": forward.upstream_timeouts,
-        }
+    body |= {
+        "otlp_forwarded": forward.forwarded,
+        "otlp_upstream_errors": forward.upstream_errors,
+        "otlp_upstream_timeouts": forward.upstream_timeouts,
+    }
     body |= {f"journey_{k}": v for k, v in dataclasses.asdict(state.index.stats).items()}
     return body
 
