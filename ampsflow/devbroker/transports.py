@@ -1,7 +1,8 @@
 """The devbroker's transports: TCP and WebSocket, bytes in and out of a :class:`Connection`.
 
 - **TCP** (:class:`TcpConnection`, the official Python client): length-prefixed frames both
-  ways; frames queued in one event-loop step leave in one write; a client that lets more
+  ways; frames queued in one event-loop step leave in one write (in writes of
+  :data:`WRITE_CHUNK` while more is queued); a client that lets more
   than ``max_outbound_bytes`` pile up is disconnected (slow consumer).
 - **WebSocket** (:func:`serve_websocket` and :class:`WsConnection`, the JavaScript client on
   ``/amps/json``): a preamble, then per command a frame-count frame and the header and body
@@ -40,6 +41,9 @@ OUTBOUND_HIGH_WATER = 1024 * 1024
 """Flow control: a connection with more than this (or a quarter of ``max_outbound_bytes``
 when that is less) queued gets no more live messages; its subscriptions fall behind and are
 fed from the transaction log as its socket drains (see :meth:`Broker._fall_behind`)."""
+WRITE_CHUNK = 64 * 1024
+"""Bytes a TCP connection queues within one event-loop step before it writes them out
+without waiting for the end of the step."""
 _CID = re.compile(rb'"(?:cid|cmd_id)":"([^"\\]{1,200})"')
 
 
@@ -289,7 +293,8 @@ class TcpConnection(Connection, asyncio.Protocol):
             self._transport.resume_reading()
 
     def send(self, header: bytes, body: bytes | None = None) -> None:
-        """Queue a frame; frames queued in one event-loop step go out in one write."""
+        """Queue a frame; frames queued in one event-loop step go out in one write, or in
+        writes of :data:`WRITE_CHUNK` bytes while more is queued."""
         if self.closed:
             return
         data = protocol.frame(header, body) if body else protocol.frame(header)
@@ -298,7 +303,12 @@ class TcpConnection(Connection, asyncio.Protocol):
             return
         self._out.append(data)
         self._out_bytes += len(data)
-        if not self._flush_scheduled:
+        if self._out_bytes >= WRITE_CHUNK:
+            # Hand large runs (one commit fans out thousands of messages in one step) to
+            # the socket now: what it cannot take at once is what outbound_bytes() reports,
+            # so flow control sees a reader that falls behind, not the size of a batch.
+            self._write_out()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._write_out)
 
