@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ampsflow.devbroker import txlog
 from ampsflow.devbroker.bookmarks import ReplaySpec, parse_bookmark, publisher_id
 from ampsflow.devbroker.txlog import LogEntry, ReplayCursor, TransactionLog
 from ampsflow.errors import TransactionLogError
@@ -534,3 +536,58 @@ class TestReplay:
     ) -> None:
         """A timestamp later than the newest entry replays nothing."""
         assert replay(log, "29991231T235959Z") == []
+
+
+class TestReadFromAPosition:
+    """Reading from a bare position (a subscription that falls behind, a bookmark's
+    replay start) seeks through the segment's sparse index instead of decoding the
+    segment from its start."""
+
+    def fill(self, log: TransactionLog, n: int, per_commit: int = 97) -> list[LogEntry]:
+        out: list[LogEntry] = []
+        while len(out) < n:
+            out += publish(log, min(per_commit, n - len(out)))
+            log.commit()
+        return out
+
+    def test_every_position_reads_the_same_entries(
+        self, opener: Callable[..., TransactionLog]
+    ) -> None:
+        """From any position, after commits and after a reopen (index rebuilt by recovery),
+        and across segments, a read returns exactly the entries from that position on."""
+        log = opener(segment_bytes=256 * 1024)
+        entries = self.fill(log, 9000)
+        positions = [*range(1, 60), *range(1, 9001, 137), 8999, 9000]
+        for p in positions:
+            assert read_all(log, ReplayCursor(position=p), limit=50) == entries[p - 1 :], p
+        log.close()
+        reopened = opener(segment_bytes=256 * 1024)
+        for p in positions:
+            got, _ = reopened.read(ReplayCursor(position=p), up_to=9000, limit=3)
+            assert got == entries[p - 1 : p + 2], p
+
+    def test_reads_at_most_one_stride_before_the_position(
+        self, log: TransactionLog, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        entries = self.fill(log, 20_000)
+        per_stride = txlog.INDEX_STRIDE // (log.disk_bytes() // len(entries)) + 1
+        scanned = [0]
+        decoded = [0]
+        records, decode = txlog._records, txlog._decode
+
+        def counting_records(f: Any, offset: int) -> Iterator[tuple[int, int, memoryview]]:
+            for record in records(f, offset):
+                scanned[0] += 1
+                yield record
+
+        def counting_decode(payload: memoryview) -> LogEntry:
+            decoded[0] += 1
+            return decode(payload)
+
+        monkeypatch.setattr(txlog, "_records", counting_records)
+        monkeypatch.setattr(txlog, "_decode", counting_decode)
+        got, _ = log.read(ReplayCursor(position=19_990), up_to=20_000, limit=5)
+        assert got == entries[19_989:19_994]
+        assert scanned[0] <= per_stride + 5 < 20_000 // 10
+        # Records before the position are skipped without being decoded.
+        assert decoded[0] == 5
