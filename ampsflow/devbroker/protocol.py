@@ -91,6 +91,9 @@ COMMANDS: Mapping[str, str] = {
 """Command spellings that share a handler (anything else keeps its own name)."""
 
 _decode = json.JSONDecoder().decode
+# One encoder for every header string: json.dumps(ensure_ascii=False) builds a new
+# encoder per call, which costs more than encoding a correlation id.
+_encode_string = json.JSONEncoder(ensure_ascii=False).encode
 # A lone surrogate (JSON "\\ud800" from a client) has no UTF-8 form: it becomes "?".
 _UNENCODABLE = "replace"
 _SHORT_KEYS = frozenset(
@@ -133,7 +136,15 @@ def split_frame(frame: bytes, max_header: int | None = None) -> tuple[bytes, byt
         OversizedHeaderError: no header end within ``max_header`` bytes of a longer frame.
         ProtocolError: the frame does not start with a complete flat JSON object.
     """
-    window = frame if max_header is None or len(frame) <= max_header else frame[:max_header]
+    limit = len(frame) if max_header is None else min(len(frame), max_header)
+    if frame[:1] == b"{":
+        # Fast path (what the clients send): no backslash before the first "}" and an even
+        # number of quotes before it, so it is outside every string and ends the object,
+        # exactly where the regular expression below would end it.
+        end = frame.find(b"}", 1, limit)
+        if end > 0 and frame.find(b"\\", 1, end) < 0 and not frame.count(b'"', 1, end) & 1:
+            return frame[: end + 1], frame[end + 1 :]
+    window = frame if limit == len(frame) else frame[:limit]
     match = _HEADER_END.match(window)
     if match is None:
         if len(window) < len(frame):
@@ -230,7 +241,7 @@ def json_string(value: str) -> str:
     Only ``"``, ``\\`` and control characters are escaped; the Python client decodes
     ``\\"``, ``\\\\``, ``\\n`` and ``\\t`` but drops ``\\uXXXX``.
     """
-    return json.dumps(value, ensure_ascii=False)
+    return _encode_string(value)
 
 
 def encode_header(fields: Iterable[tuple[str, str | int]]) -> bytes:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ampsflow.devbroker import protocol
-from ampsflow.errors import ProtocolError
+from ampsflow.errors import OversizedHeaderError, ProtocolError
 
 # The JavaScript client extracts s with this shape; a server header that has s must match it.
 JS_S_RULE = re.compile(rb'"s":\d+,')
@@ -42,6 +42,28 @@ class TestSplitFrame:
         """Any flat JSON header followed by any body splits back into the two parts."""
         raw = json.dumps(header, separators=(",", ":")).encode()
         assert (raw, body) == protocol.split_frame(raw + body)
+
+    @given(
+        st.lists(st.sampled_from([b"{", b"}", b'"', b"\\", b"a", b":", b","]), max_size=30),
+        st.one_of(st.none(), st.integers(0, 32)),
+    )
+    def test_fast_path_splits_where_the_grammar_does(self, parts, max_header):
+        """Any bytes, any limit: the same split (or the same error) as the flat-object
+        grammar alone, whether or not the fast path applies."""
+        frame = b"".join(parts)
+
+        def by_grammar() -> tuple[bytes, bytes] | type[Exception]:
+            window = frame if max_header is None else frame[:max_header]
+            match = re.compile(rb'\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\}', re.DOTALL).match(window)
+            if match is None:
+                return OversizedHeaderError if len(window) < len(frame) else ProtocolError
+            return frame[: match.end()], frame[match.end() :]
+
+        try:
+            got: tuple[bytes, bytes] | type[Exception] = protocol.split_frame(frame, max_header)
+        except ProtocolError as exc:
+            got = type(exc)
+        assert got == by_grammar()
 
 
 class TestParseHeader:
@@ -220,3 +242,9 @@ class TestHeaderRoundTrip:
     def test_lone_surrogate_is_replaced(self):
         """A lone surrogate from a client's JSON is written as '?' instead of failing."""
         assert {"x": "a?b"} == json.loads(protocol.encode_header([("x", "a\ud800b")]))
+
+
+@given(st.text())
+def test_json_string_is_compact_json_with_raw_utf8(value):
+    """The shared encoder writes what ``json.dumps(ensure_ascii=False)`` writes."""
+    assert protocol.json_string(value) == json.dumps(value, ensure_ascii=False)
