@@ -681,9 +681,9 @@ class TransactionLog:
             low, high = marks.pub_low.get(pub), marks.pub_high.get(pub)
             if low is None or high is None or not low <= seq <= high:
                 continue
-            for entry, _off, _nxt in self._scan(seg, 0, durable):
-                if entry.publisher_id == pub and entry.sequence >= seq:
-                    return entry.position if entry.sequence == seq else None
+            for position, record_pub, record_seq, _ts, _off in self._heads(seg, durable):
+                if record_pub == pub and record_seq >= seq:
+                    return position if record_seq == seq else None
         return None
 
     def _find_timestamp(self, since_us: int, oldest: int) -> ReplayCursor:
@@ -691,10 +691,21 @@ class TransactionLog:
         for seg in self._snapshot():
             if seg.marks.last_timestamp_us < since_us:
                 continue
-            for entry, off, _nxt in self._scan(seg, 0, durable):
-                if entry.timestamp_us >= since_us:
-                    return ReplayCursor(position=entry.position, segment=seg.base, offset=off)
+            for position, _pub, _seq, ts, off in self._heads(seg, durable):
+                if ts >= since_us:
+                    return ReplayCursor(position=position, segment=seg.base, offset=off)
         return ReplayCursor(position=max(oldest, durable + 1))
+
+    def _heads(self, seg: _Segment, up_to: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """Yield ``(position, publisher id, sequence, timestamp_us, offset)`` of a segment's
+        records up to ``up_to``, without decoding them (bookmark and timestamp lookups)."""
+        fixed = _FIXED.unpack_from
+        with seg.path.open("rb") as f:
+            for off, _nxt, payload in _records(f, 0):
+                position, pub, seq, ts = fixed(payload)[:4]
+                if position > up_to:
+                    return
+                yield position, pub, seq, ts, off
 
     def _scan(
         self, seg: _Segment, offset: int, up_to: int, start: int = 0
