@@ -33,7 +33,8 @@ recovers, with the count lost in between (:mod:`ampsflow.adapters.export_health`
 The rest of the telemetry is one module per concept: the instruments and span
 attributes in :mod:`ampsflow.adapters.instruments`, the trace context carried
 in the AMPS CorrelationId in :mod:`ampsflow.adapters.propagation`, the span
-encoder in :mod:`ampsflow.adapters.otlp_wire`.
+encoder in :mod:`ampsflow.adapters.otlp_wire`, the tracer's cheaper spans in
+:mod:`ampsflow.adapters.lean_spans`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from opentelemetry import metrics, trace
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -59,6 +59,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -83,6 +84,7 @@ from opentelemetry.util.types import Attributes, AttributeValue
 from ampsflow import __version__
 from ampsflow.adapters.export_health import HealthReportingMetricExporter
 from ampsflow.adapters.instruments import BATCH_SIZE_BUCKETS, DURATION_BUCKETS_S, Instruments
+from ampsflow.adapters.lean_spans import LeanTracer
 from ampsflow.adapters.sampling import RatioSampler
 from ampsflow.adapters.span_loss import CountingExporter, CountingProcessor, SpanLossCounter
 from ampsflow.config import TelemetryConfig
@@ -104,6 +106,8 @@ class Telemetry:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
     tracer: Tracer
+    """The service's tracer: a :class:`~ampsflow.adapters.lean_spans.LeanTracer`
+    (the SDK's no-op tracer when ``OTEL_SDK_DISABLED`` is set)."""
     meter: Meter
     instruments: Instruments
     losses: SpanLossCounter
@@ -251,11 +255,14 @@ def setup_telemetry(
         metrics.set_meter_provider(meter_provider)
     meter = meter_provider.get_meter("ampsflow", __version__)
     losses.bind(meter)
+    tracer = tracer_provider.get_tracer("ampsflow", __version__)
+    if isinstance(tracer, SdkTracer):  # not when OTEL_SDK_DISABLED=true
+        tracer = LeanTracer(tracer)
     return Telemetry(
         service_name=name,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
-        tracer=tracer_provider.get_tracer("ampsflow", __version__),
+        tracer=tracer,
         meter=meter,
         instruments=Instruments.from_meter(meter),
         losses=losses,
@@ -293,50 +300,6 @@ class FailuresSampled(Sampler):
 
     def get_description(self) -> str:
         return f"FailuresSampled{{{self._inner.get_description()}}}"
-
-
-_TRUSTED_TYPES = frozenset({str, int, float, bool})
-
-
-def start_span_fast(
-    tracer: Tracer,
-    name: str,
-    *,
-    context: Context | None,
-    kind: SpanKind,
-    attributes: Mapping[str, AttributeValue],
-) -> Span:
-    """``tracer.start_span(name, context, kind, attributes)``, without the SDK's re-checks.
-
-    The SDK validates every attribute value of a new span again (recursively,
-    through the ``Sequence`` ABC): about 40% of starting a span with the
-    daemons' eight messaging attributes, measured at 14 µs of 38 on the
-    2-core VM. When every value is a plain ``str``/``int``/``float``/``bool``
-    under a non-empty ``str`` key, and the span's attribute store has room and
-    no value-length limit, the attributes go straight into that store;
-    otherwise (another SDK, ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`` set, a
-    value of another type) this is exactly ``start_span``. The sampler is not
-    shown these attributes (the configured samplers do not read them; a
-    failure span, whose sampling depends on them, starts through
-    :func:`failure_span`).
-    """
-    if any(
-        type(v) not in _TRUSTED_TYPES or type(k) is not str or not k for k, v in attributes.items()
-    ):
-        return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
-    span = tracer.start_span(name, context=context, kind=kind)
-    store = getattr(span, "_attributes", None)
-    if (
-        type(store) is BoundedAttributes
-        and not store._immutable
-        and store.max_value_len is None
-        and (store.maxlen is None or len(store._dict) + len(attributes) <= store.maxlen)
-    ):
-        with store._lock:
-            store._dict.update(attributes)
-    else:
-        span.set_attributes(attributes)
-    return span
 
 
 def failure_span(

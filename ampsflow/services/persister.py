@@ -88,7 +88,7 @@ from ampsflow.adapters.amps import AmpsClient
 from ampsflow.adapters.instruments import messaging_attributes, metric_attributes, record_failure
 from ampsflow.adapters.propagation import PROBLEM_ATTRIBUTE, extract_context
 from ampsflow.adapters.sink import CommitResult, JsonlSink, PendingLine
-from ampsflow.adapters.telemetry import Telemetry, failure_span, start_span_fast
+from ampsflow.adapters.telemetry import Telemetry, failure_span
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, PersisterConfig
 from ampsflow.core import transform
@@ -377,8 +377,8 @@ class Persister:
         ident = message.get("id") if message is not None else None
         if isinstance(ident, str):
             attributes["ampsflow.message.id"] = ident
-        span = start_span_fast(
-            self._tracer, SPAN_NAME, context=context, kind=SpanKind.CONSUMER, attributes=attributes
+        span = self._tracer.start_span(
+            SPAN_NAME, context=context, kind=SpanKind.CONSUMER, attributes=attributes
         )
 
         key = dedupe_key(message, received.bookmark)

@@ -75,7 +75,7 @@ from opentelemetry.util.types import AttributeValue
 from ampsflow.adapters.amps import AmpsClient, default_client_name
 from ampsflow.adapters.instruments import messaging_attributes, metric_attributes, record_failure
 from ampsflow.adapters.propagation import PROBLEM_ATTRIBUTE, correlation_id_of, extract_context
-from ampsflow.adapters.telemetry import Telemetry, failure_span, start_span_fast
+from ampsflow.adapters.telemetry import Telemetry, failure_span
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import Config, ProcessorConfig
 from ampsflow.core import transform
@@ -267,8 +267,7 @@ class Processor:
         self._unflushed_consumed += 1
         finished = False
         with use_span(
-            start_span_fast(
-                self._tracer,
+            self._tracer.start_span(
                 PROCESS_SPAN,
                 context=parent,
                 kind=SpanKind.CONSUMER,

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, get_current_span
 
@@ -19,7 +19,6 @@ from ampsflow.adapters.telemetry import (
     failure_span,
     otlp_endpoint,
     setup_telemetry,
-    start_span_fast,
 )
 from ampsflow.config import TelemetryConfig
 from ampsflow.core.codec import decode_correlation_id
@@ -333,49 +332,3 @@ class TestFailureSpans:
             parent=Context(),
         )
         assert same is span
-
-
-FAST_ATTRIBUTES: dict[str, object] = {
-    **messaging_attributes(
-        destination="external",
-        operation_type="process",
-        operation_name="process",
-        message_id="1|2|",
-        body_size=200,
-        bookmark="1|2|",
-    ),
-    "ratio": 0.5,
-    "flag": True,
-}
-
-
-class TestStartSpanFast:
-    """start_span_fast gives the span start_span would, whatever the limits."""
-
-    @pytest.mark.parametrize(
-        ("limits", "attributes"),
-        [
-            (SpanLimits(), FAST_ATTRIBUTES),
-            (SpanLimits(max_attribute_length=3), FAST_ATTRIBUTES),
-            (SpanLimits(max_span_attributes=2), FAST_ATTRIBUTES),
-            (SpanLimits(), {**FAST_ATTRIBUTES, "list": ("a", "b"), "": "empty key"}),
-        ],
-        ids=["default", "value-length-limit", "attribute-count-limit", "other-types"],
-    )
-    def test_same_span_as_start_span(self, limits: SpanLimits, attributes: dict) -> None:
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider(span_limits=limits)
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        tracer = provider.get_tracer("test")
-        parent, _ = extract_context(SAMPLED, None)
-        fast = start_span_fast(
-            tracer, "m", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
-        )
-        fast.end()
-        tracer.start_span("m", context=parent, kind=SpanKind.CONSUMER, attributes=attributes).end()
-        mine, theirs = exporter.get_finished_spans()
-        assert (dict(mine.attributes or {}), mine.dropped_attributes, mine.parent) == (
-            dict(theirs.attributes or {}),
-            theirs.dropped_attributes,
-            theirs.parent,
-        )

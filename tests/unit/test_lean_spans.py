@@ -1,0 +1,301 @@
+"""LeanTracer against the SDK's tracer: the same operations export the same spans.
+
+Two providers with the same sampler, limits and a deterministic id generator
+each record one span, one through the SDK's tracer and one through
+:class:`~ampsflow.adapters.lean_spans.LeanTracer`, from the same generated
+operations. Both exports are encoded by the official OTLP encoder and
+compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
+
+from ampsflow.adapters.lean_spans import LeanSpan, LeanTracer
+from ampsflow.adapters.telemetry import FailuresSampled
+from ampsflow.testing import in_memory_telemetry
+
+START_NS = 1_700_000_000_000_000_000
+
+
+class CountingIds(IdGenerator):
+    """Ids from a counter: two generators made alike give the same ids."""
+
+    def __init__(self, random: bool) -> None:
+        self._next = 0x1234
+        self._random = random
+
+    def generate_span_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def generate_trace_id(self) -> int:
+        self._next += 1
+        return self._next << 64 | 0xABCDEF
+
+    def is_trace_id_random(self) -> bool:
+        return self._random
+
+
+def recorder(
+    sampler: Sampler, limits: SpanLimits, random_ids: bool
+) -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        sampler=sampler,
+        resource=Resource({"service.name": "t"}),
+        id_generator=CountingIds(random_ids),
+        span_limits=limits,
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+scalars = st.one_of(
+    st.text(max_size=12),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+    st.booleans(),
+)
+values: st.SearchStrategy[Any] = st.one_of(
+    scalars,
+    st.lists(st.text(max_size=4), max_size=3),
+    st.lists(st.integers(min_value=0, max_value=9), max_size=3).map(tuple),
+    st.just(None),
+    st.binary(max_size=4),
+    st.just(object()),
+)
+keys = st.one_of(st.sampled_from(["a", "b", "messaging.system", "x.y"]), st.text(max_size=6))
+attribute_maps = st.dictionaries(keys, st.one_of(scalars, scalars, values), max_size=6)
+
+samplers = st.sampled_from(
+    [
+        ALWAYS_ON,
+        ALWAYS_OFF,
+        ParentBased(TraceIdRatioBased(0.5)),
+        FailuresSampled(ParentBased(ALWAYS_OFF)),
+    ]
+)
+limits_strategy = st.sampled_from(
+    [
+        SpanLimits(),
+        SpanLimits(max_span_attributes=3),
+        SpanLimits(max_attribute_length=4),
+        SpanLimits(max_events=1, max_event_attributes=2),
+    ]
+)
+parents = st.sampled_from(["none", "sampled", "unsampled", "invalid", "local", "random"])
+
+
+def parent_context(kind: str) -> Context | None:
+    trace_id, span_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    contexts = {
+        "sampled": SpanContext(trace_id, span_id, True, TraceFlags(TraceFlags.SAMPLED)),
+        "unsampled": SpanContext(trace_id, span_id, True, TraceFlags(TraceFlags.DEFAULT)),
+        "invalid": SpanContext(0, 0, False),
+        "local": SpanContext(trace_id, span_id, False, TraceFlags(TraceFlags.SAMPLED)),
+        "random": SpanContext(
+            trace_id, span_id, True, TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+        ),
+    }
+    if kind == "none":
+        return None
+    return set_span_in_context(NonRecordingSpan(contexts[kind]))
+
+
+Operation = Callable[[Any], None]
+
+
+@st.composite
+def operations(draw: st.DrawFn) -> list[tuple[str, tuple[Any, ...]]]:
+    ops = st.one_of(
+        st.tuples(st.just("set_attribute"), st.tuples(keys, values)),
+        st.tuples(st.just("set_attributes"), st.tuples(attribute_maps)),
+        st.tuples(
+            st.just("add_event"),
+            st.tuples(st.text(max_size=5), attribute_maps, st.integers(0, 10**6)),
+        ),
+        st.tuples(
+            st.just("set_status"),
+            st.tuples(st.sampled_from(list(StatusCode)), st.one_of(st.none(), st.text(max_size=5))),
+        ),
+        st.tuples(st.just("record_exception"), st.tuples(st.text(max_size=5))),
+        st.tuples(st.just("update_name"), st.tuples(st.text(max_size=5))),
+        st.tuples(st.just("add_link"), st.tuples(attribute_maps)),
+    )
+    return draw(st.lists(ops, max_size=8))
+
+
+LINKED = SpanContext(0x1111, 0x2222, True, TraceFlags(TraceFlags.SAMPLED))
+
+
+def apply(span: Any, name: str, args: tuple[Any, ...]) -> None:
+    if name == "set_status":
+        code, description = args
+        span.set_status(Status(code, description) if description is not None else code)
+    elif name == "record_exception":
+        try:
+            raise ValueError(args[0])
+        except ValueError as exc:
+            span.record_exception(exc, timestamp=START_NS + 5)
+    elif name == "add_event":
+        event_name, attributes, offset = args
+        span.add_event(event_name, attributes, timestamp=START_NS + offset)
+    elif name == "add_link":
+        span.add_link(LINKED, args[0])
+    else:
+        getattr(span, name)(*args)
+
+
+def run(tracer: Any, scenario: dict[str, Any]) -> tuple[Any, bool]:
+    span = tracer.start_span(
+        scenario["name"],
+        context=parent_context(scenario["parent"]),
+        kind=scenario["kind"],
+        attributes=scenario["attributes"],
+        links=[Link(LINKED, {"l": 1})] if scenario["linked"] else (),
+        start_time=START_NS,
+    )
+    for name, args in scenario["ops"]:
+        apply(span, name, args)
+    span.end(end_time=START_NS + 1000)
+    if scenario["after_end"]:
+        span.set_attribute("late", 1)
+        span.end()
+    return span.get_span_context(), span.is_recording()
+
+
+scenarios = st.fixed_dictionaries(
+    {
+        "name": st.text(max_size=8),
+        "parent": parents,
+        "kind": st.sampled_from(list(SpanKind)),
+        "attributes": st.one_of(st.none(), attribute_maps),
+        "linked": st.booleans(),
+        "ops": operations(),
+        "after_end": st.booleans(),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sampler=samplers,
+    limits=limits_strategy,
+    random_ids=st.booleans(),
+    scenario=scenarios,
+)
+def test_exports_what_the_sdk_exports(
+    sampler: Sampler, limits: SpanLimits, random_ids: bool, scenario: dict[str, Any]
+) -> None:
+    """Whatever is done to a span, the lean tracer exports the SDK's span, byte for byte."""
+    theirs_provider, theirs = recorder(sampler, limits, random_ids)
+    mine_provider, mine = recorder(sampler, limits, random_ids)
+    logging.disable(logging.WARNING)
+    try:
+        their_result = run(theirs_provider.get_tracer("t", "1"), scenario)
+        my_result = run(LeanTracer(mine_provider.get_tracer("t", "1")), scenario)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert my_result == their_result
+    my_spans, their_spans = mine.get_finished_spans(), theirs.get_finished_spans()
+    assert len(my_spans) == len(their_spans)
+    if my_spans:
+        assert encode_spans(my_spans).SerializeToString() == (
+            encode_spans(their_spans).SerializeToString()
+        )
+        assert (my_spans[0].dropped_attributes, my_spans[0].dropped_events) == (
+            their_spans[0].dropped_attributes,
+            their_spans[0].dropped_events,
+        )
+
+
+def sdk_and_lean_span() -> tuple[SdkSpan, SdkSpan]:
+    provider, _ = recorder(ALWAYS_ON, SpanLimits(), True)
+    sdk = provider.get_tracer("t")
+    return sdk.start_span("s"), LeanTracer(sdk).start_span("s")  # type: ignore[return-value]
+
+
+def test_common_spans_are_lean() -> None:
+    """Plain attributes and no links give a LeanSpan; a link goes through the SDK."""
+    provider, _ = recorder(ALWAYS_ON, SpanLimits(), True)
+    tracer = LeanTracer(provider.get_tracer("t"))
+    assert type(tracer.start_span("s", attributes={"a": 1, "b": "x"})) is LeanSpan
+    linked = tracer.start_span("s", links=[Link(LINKED)])
+    assert isinstance(linked, SdkSpan)
+    assert type(linked) is not LeanSpan
+    assert type(tracer.start_span("s", attributes={"a": [1]})) is not LeanSpan
+
+
+def test_a_lean_span_has_every_field_of_an_sdk_span() -> None:
+    """The SDK's methods find every field they read (guards SDK upgrades)."""
+    theirs, mine = sdk_and_lean_span()
+    assert type(mine) is LeanSpan
+    assert set(vars(mine)) == set(vars(theirs))
+    assert {name: type(value) for name, value in vars(mine).items()} == {
+        name: type(value) for name, value in vars(theirs).items()
+    }
+
+
+def test_processors_get_the_ended_span_frozen() -> None:
+    """An ended span takes no more attributes, as the SDK's copy would not."""
+    provider, exporter = recorder(ALWAYS_ON, SpanLimits(), True)
+    span = LeanTracer(provider.get_tracer("t")).start_span("s", attributes={"a": 1})
+    span.end()
+    span.set_attribute("b", 2)
+    (exported,) = exporter.get_finished_spans()
+    assert isinstance(exported, ReadableSpan)
+    assert dict(exported.attributes or {}) == {"a": 1}
+    assert exported.end_time is not None
+
+
+def test_services_get_the_lean_tracer() -> None:
+    """setup_telemetry gives services the lean tracer (and its spans reach the exporter)."""
+    memory = in_memory_telemetry()
+    assert isinstance(memory.telemetry.tracer, LeanTracer)
+    with memory.telemetry.tracer.start_as_current_span("s", attributes={"k": "v"}) as span:
+        assert type(span) is LeanSpan
+    (exported,) = memory.exporter.get_finished_spans()
+    assert dict(exported.attributes or {}) == {"k": "v"}
+
+
+@pytest.mark.parametrize("value", ["", "disabled"])
+def test_without_the_sdk_the_tracer_is_the_sdks(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_SDK_DISABLED gives the SDK's no-op tracer, not a lean one."""
+    if value:
+        monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    memory = in_memory_telemetry()
+    assert isinstance(memory.telemetry.tracer, LeanTracer) is (not value)
