@@ -89,10 +89,17 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Compact, and non-ASCII kept as UTF-8: the line is what was received, not an
+# escaped copy of it. allow_nan=False keeps every line standard JSON. One encoder
+# of each kind (``json.dumps`` with options builds one per call).
+_ENCODERS = {
+    ascii_only: json.JSONEncoder(separators=(",", ":"), ensure_ascii=ascii_only, allow_nan=False)
+    for ascii_only in (False, True)
+}
+
+
 def _dumps(value: object, *, ensure_ascii: bool = False) -> str:
-    # Compact, and non-ASCII kept as UTF-8: the line is what was received, not
-    # an escaped copy of it. allow_nan=False keeps every line standard JSON.
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=ensure_ascii, allow_nan=False)
+    return _ENCODERS[ensure_ascii].encode(value)
 
 
 def _encode_line(value: object) -> bytes:

@@ -127,6 +127,9 @@ _DECODER = json.JSONDecoder(
 )
 """One decoder for every body (``json.loads`` with hooks would build one per call)."""
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""One encoder for every output (``json.dumps`` with options builds one per call)."""
+
 
 def _quote(text: str) -> str:
     """``repr`` of ``text``, cut to a readable length (details and logs stay small)."""
@@ -283,9 +286,7 @@ def serialise(message: dict[str, Any]) -> bytes:
         UnicodeEncodeError: for a lone surrogate (which :func:`parse_body` rejects).
         ValueError: for NaN or Infinity (which :func:`parse_body` rejects).
     """
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    return _ENCODER.encode(message).encode("utf-8")
 
 
 def dead_letter_body(
