@@ -49,7 +49,9 @@ def _one_span(tracer: Tracer) -> Callable[[], None]:
         span = tracer.start_span(
             "process-message", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
-        with use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+        with use_span(
+            span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+        ):
             correlation_id_of(span)
             span.set_attribute("ampsflow.amps.sequence", 5)
 
