@@ -759,9 +759,10 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     info = machine()
     with OtlpSink() as sink, tempfile.TemporaryDirectory(prefix="af-pipeline-") as tmp:
-        for mode in modes:
+        for number, mode in enumerate(modes, 1):
             print(f"== {mode.label}", flush=True)
-            result = run_mode(mode, args, sink, Path(tmp) / mode.name)
+            # A mode may be listed twice (--modes off,off): each run gets its own directory.
+            result = run_mode(mode, args, sink, Path(tmp) / f"{number}-{mode.name}")
             results.append(result)
             print(
                 f"   {result['lines']:,} lines for {result['published']:,} published, "
