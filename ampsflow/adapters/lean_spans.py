@@ -1,19 +1,21 @@
 """The SDK's spans, started and ended with less of the SDK's per-span work.
 
-The daemons start one span per message. The SDK's ``Tracer.start_span`` and
-``Span.end`` cost about 14 µs of Python together on the 2-core VM
-(BENCHMARKS.md), mostly work a daemon's span does not need: every attribute
-value checked again (recursively, through the ``Sequence`` ABC), locks taken
-around fields only one thread touches, and a copy of the whole span made at
-``end`` for the processors.
+The daemons start one span per message. Through the SDK's tracer, one span's
+life on the message loop (start, made current, CorrelationId, one attribute,
+end) costs 21.8 µs of Python on the 2-core VM, and 16.2 µs through this one
+(``benchmarks/span_lifecycle.py``, BENCHMARKS.md). The difference is work a
+daemon's span does not need: every attribute value checked again (recursively,
+through the ``Sequence`` ABC) and a copy of the whole span made at ``end`` for
+the processors.
 
 :class:`LeanTracer` wraps the SDK tracer of a provider. For a span with no
 links whose attribute values are all plain ``str``/``int``/``float``/``bool``
-under the provider's default limits, it does what ``Tracer.start_span`` does
-(the same parent rule, sampler call, id generation, trace flags and
-``on_start``) and returns a :class:`LeanSpan`. Anything else (links, other
-value types, ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`` set, a disabled tracer, the
-SDK's own span metrics switched on) starts through the SDK tracer itself.
+(within the provider's attribute-count limit, with no value-length limit), it
+does what ``Tracer.start_span`` does (the same parent rule, sampler call, id
+generation, trace flags and ``on_start``) and returns a :class:`LeanSpan`.
+Anything else (links, other value types, ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``
+set, a disabled tracer, the SDK's own span metrics switched on) starts through
+the SDK tracer itself.
 
 :class:`LeanSpan` *is* an SDK ``Span``: every method after the start is the
 SDK's, so status, events, exceptions, limits and the "ended span" warnings
@@ -144,11 +146,6 @@ class LeanTracer(trace_api.Tracer):
         self._lean = limits.max_span_attribute_length is None and isinstance(
             tracer._tracer_metrics, NoOpTracerMetrics
         )
-
-    @property
-    def sdk_tracer(self) -> SdkTracer:
-        """The SDK tracer this one starts its other spans with."""
-        return self._sdk
 
     def start_span(  # noqa: PLR0917 - the Tracer.start_span signature
         self,
