@@ -9,11 +9,13 @@ through the ``Sequence`` ABC) and a copy of the whole span made at ``end`` for
 the processors.
 
 :class:`LeanTracer` wraps the SDK tracer of a provider. For a span with no
-links whose attribute values are all plain ``str``/``int``/``float``/``bool``
-(within the provider's attribute-count limit, with no value-length limit), it
-does what ``Tracer.start_span`` does (the same parent rule, sampler call, id
-generation, trace flags and ``on_start``) and returns a :class:`LeanSpan`.
-Anything else (links, other value types, ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``
+links, under limits with no value-length limit, it does what
+``Tracer.start_span`` does (the same parent rule, sampler call, id generation,
+trace flags and ``on_start``) and returns a :class:`LeanSpan`. When the
+attributes the sampler returns are all plain ``str``/``int``/``float``/``bool``
+values under non-empty keys, within the attribute-count limit, they go straight
+into the span's store; any others are cleaned by the SDK's own attribute store,
+as the SDK tracer would. Anything else (links, ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``
 set, a disabled tracer, the SDK's own span metrics switched on) starts through
 the SDK tracer itself.
 
@@ -21,14 +23,14 @@ the SDK tracer itself.
 SDK's, so status, events, exceptions, limits and the "ended span" warnings
 behave as they do there. Two things differ:
 
-- its attributes are put straight into the span's attribute store, since the
+- plain attributes are put straight into the span's attribute store, since the
   tracer checked they need no cleaning;
 - ``end`` hands the span itself to the processors instead of a
   ``ReadableSpan`` copy. An ended span accepts no more changes (the SDK's own
   checks refuse them), so the processors see exactly what the copy would hold.
 
 ``tests/unit/test_lean_spans.py`` drives the SDK tracer and this one with the
-same generated operations and compares the exported spans field by field.
+same generated operations and compares the exported spans byte for byte (official encoder).
 """
 
 from __future__ import annotations
@@ -159,12 +161,7 @@ class LeanTracer(trace_api.Tracer):
         set_status_on_exception: bool = True,
     ) -> trace_api.Span:
         sdk = self._sdk
-        if (
-            links
-            or not self._lean
-            or not sdk._is_enabled()
-            or (attributes and not _plain(attributes))
-        ):
+        if links or not self._lean or not sdk._is_enabled():
             return sdk.start_span(
                 name,
                 context,
@@ -203,7 +200,7 @@ class LeanTracer(trace_api.Tracer):
         if (self._max_attributes is None or len(given) <= self._max_attributes) and _plain(given):
             store = BoundedAttributes(self._max_attributes, immutable=False, max_value_len=None)
             store._dict.update(given)
-        else:  # a sampler's own attributes, or more than the limit: the SDK's way
+        else:  # values to clean, or more than the limit: the SDK's own store does it
             store = BoundedAttributes(
                 self._max_attributes, given, immutable=False, max_value_len=None
             )
