@@ -60,7 +60,6 @@ restarts of the daemon itself):
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import socket
 import threading
@@ -72,6 +71,7 @@ from typing import Any
 
 import AMPS
 
+from ampsflow.adapters.handoff import Handoff
 from ampsflow.backoff import Backoff, BackoffPolicy
 from ampsflow.config import AmpsConfig, read_secret
 from ampsflow.errors import AmpsError, StartupError
@@ -225,7 +225,7 @@ class AmpsClient:
         self._auth_failure: str | None = None
         self._reconnects = 0
         self._on_reconnect: list[Callable[[], None]] = []
-        self._queue: queue.Queue[Received] = queue.Queue(maxsize=queue_size)
+        self._received: Handoff[Received] = Handoff(queue_size)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._has_publish_store = publish_store
         password = read_secret(config.password_file) if config.password_file else None
@@ -421,23 +421,15 @@ class AmpsClient:
             queued=queued,
             redelivered=redelivered,
         )
-        while not self._closing.is_set():
-            try:
-                self._queue.put(received, timeout=_QUEUE_POLL_S)
-            except queue.Full:
-                continue
-            return
+        self._received.put(received, self._closing, _QUEUE_POLL_S)
 
     def receive(self, timeout_s: float) -> Received | None:
         """The next received message, or ``None`` after ``timeout_s`` without one."""
-        try:
-            return self._queue.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+        return self._received.get(timeout_s)
 
     def pending(self) -> int:
         """Messages received but not yet taken by :meth:`receive`."""
-        return self._queue.qsize()
+        return len(self._received)
 
     def discard(self, message: Received) -> None:
         """Mark ``message`` finished.

@@ -27,7 +27,9 @@ behave as they do there. Two things differ:
   tracer checked they need no cleaning;
 - ``end`` hands the span itself to the processors instead of a
   ``ReadableSpan`` copy. An ended span accepts no more changes (the SDK's own
-  checks refuse them), so the processors see exactly what the copy would hold.
+  checks refuse them), so the processors see exactly what the copy would hold;
+- the event and link lists are made at the first event or link (most spans
+  have no link, and many no event).
 
 ``tests/unit/test_lean_spans.py`` drives the SDK tracer and this one with the
 same generated operations and compares the exported spans byte for byte (official encoder).
@@ -77,6 +79,10 @@ def _plain(attributes: Mapping[str, Any]) -> bool:
     return True
 
 
+_NONE_YET: BoundedList[Any] = BoundedList(0)
+"""The events and links of every span that has none yet (holds nothing, is never added to)."""
+
+
 def _no_end_metrics() -> None:
     """What a span records at its end while the SDK's own span metrics are off."""
 
@@ -110,8 +116,8 @@ class LeanSpan(SdkSpan):
         self._start_time = None
         self._end_time = None
         self._attributes = attributes
-        self._events = BoundedList(limits.max_events)
-        self._links = BoundedList(limits.max_links)
+        self._events = _NONE_YET  # a list of its own at the first event (_add_event)
+        self._links = _NONE_YET  # and at the first link (_add_link)
         self._resource = tracer.resource
         self._status = _UNSET
         self._sampler = tracer.sampler
@@ -122,6 +128,18 @@ class LeanSpan(SdkSpan):
         self._limits = limits
         self._lock = threading.Lock()
         self._record_end_metrics = _no_end_metrics  # the SDK's span metrics are off
+
+    def _add_event(self, event: Any) -> None:
+        with self._lock:
+            if self._events is _NONE_YET:
+                self._events = BoundedList(self._limits.max_events)
+        super()._add_event(event)
+
+    def _add_link(self, link: Link) -> None:
+        with self._lock:
+            if self._links is _NONE_YET:
+                self._links = BoundedList(self._limits.max_links)
+        super()._add_link(link)
 
     def end(self, end_time: int | None = None) -> None:
         """End the span and hand it to the processors (itself: it is frozen now)."""

@@ -97,6 +97,22 @@ class TestBuildLine:
         expected = "2026-01-01T00:00:00.000000Z"
         assert expected == format_timestamp(moment)
 
+    @given(
+        st.datetimes(
+            min_value=datetime(1000, 1, 2),
+            max_value=datetime(9999, 12, 30),
+            timezones=st.sampled_from(
+                [UTC, timezone(timedelta(0)), timezone(timedelta(hours=-11, minutes=-30)), timezone.max]
+            ),
+        )
+    )
+    def test_time_is_rfc3339_utc_with_microseconds_for_any_aware_moment(
+        self, moment: datetime
+    ) -> None:
+        """Any zone, any microsecond: the same text as strftime of the moment in UTC."""
+        expected = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert expected == format_timestamp(moment)
+
     @given(messages)
     def test_round_trip(self, message: dict[str, object]) -> None:
         """Parsing a built line gives back the message and the provenance."""
