@@ -102,7 +102,12 @@ class TestBuildLine:
             min_value=datetime(1000, 1, 2),
             max_value=datetime(9999, 12, 30),
             timezones=st.sampled_from(
-                [UTC, timezone(timedelta(0)), timezone(timedelta(hours=-11, minutes=-30)), timezone.max]
+                [
+                    UTC,
+                    timezone(timedelta(0)),
+                    timezone(timedelta(hours=-11, minutes=-30)),
+                    timezone.max,
+                ]
             ),
         )
     )
