@@ -41,10 +41,14 @@ from opentelemetry.exporter.otlp.proto.http._common import RequestPayloadTooLarg
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
-from opentelemetry.trace import Link, SpanContext
+from opentelemetry.trace import Link, SpanContext, SpanKind
+
+from ampsflow.adapters.lean_spans import LeanSpan
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +151,7 @@ class SpanEncoder:
         self._kv_cache: dict[tuple[bytes, str, type, object], bytes] = {}
         self._key_misses: dict[str, int] = {}
         self._unique_keys: set[str] = set()
+        self._key_heads: dict[str, bytes] = {}  # encoded key of each unique key
         self._resources: dict[int, tuple[Resource, Resource, bytes, bytes]] = {}
         self._scopes: dict[int, tuple[InstrumentationScope | None, object, bytes, bytes]] = {}
         self._canonical_resources: dict[Resource, Resource] = {}
@@ -252,9 +257,24 @@ class SpanEncoder:
         # its inner dict holds the same items in the same order.
         plain = attributes._dict if type(attributes) is BoundedAttributes else attributes
         for key, value in plain.items():
-            cacheable = type(value) in _CACHEABLE and key not in unique
-            if cacheable:
-                cache_key = (tag, key, type(value), value)
+            kind = type(value)
+            if key in unique:
+                # Values that rarely repeat (ids, bookmarks, sizes): the key's
+                # encoding is kept, the value is encoded here (str and int inline).
+                head = self._key_heads.get(key)
+                if head is not None:
+                    if type(value) is str and len(value) < 0x80 and value.isascii():
+                        any_value = b"\x0a" + _BYTE[len(value)] + value.encode("ascii")
+                        parts.append(_field(tag, head + _field(b"\x12", any_value)))
+                        continue
+                    if type(value) is int and 0 <= value <= _INT64_MAX:
+                        any_value = b"\x18" + _varint(value)  # at most 11 bytes
+                        parts.append(
+                            _field(tag, head + b"\x12" + _BYTE[len(any_value)] + any_value)
+                        )
+                        continue
+            elif kind in _CACHEABLE:
+                cache_key = (tag, key, kind, value)
                 encoded = cache.get(cache_key)
                 if encoded is not None:
                     parts.append(encoded)
@@ -264,8 +284,8 @@ class SpanEncoder:
             except (ValueError, TypeError, UnicodeError) as exc:
                 logger.warning("Failed to encode key %s: %s", key, exc)
                 continue
-            if cacheable:
-                self._cache_miss(key, cache_key, encoded)
+            if kind in _CACHEABLE and key not in unique:
+                self._cache_miss(key, (tag, key, kind, value), encoded)
             parts.append(encoded)
         return b"".join(parts)
 
@@ -280,6 +300,8 @@ class SpanEncoder:
         misses = self._key_misses.get(key, 0) + 1
         if misses >= _UNIQUE_AFTER_MISSES:
             self._unique_keys.add(key)
+            if key:
+                self._key_heads[key] = _text(b"\x0a", key)
             return
         self._key_misses[key] = misses
         cache = self._kv_cache
@@ -287,12 +309,41 @@ class SpanEncoder:
             cache.clear()
             self._key_misses.clear()
             self._unique_keys.clear()
+            self._key_heads.clear()
         cache[cache_key] = encoded
 
     # -- trace.v1.Span -----------------------------------------------------------
 
     def _span(self, span: ReadableSpan) -> bytes:
-        ctx = span.context
+        if type(span) in _SDK_SPAN_TYPES:
+            # The SDK's own classes: read the fields their properties copy or wrap.
+            ctx = span._context
+            parent = span._parent
+            name = span._name
+            kind = span._kind
+            start_time = span._start_time
+            end_time = span._end_time
+            attributes: Any = span._attributes
+            events: Sequence[Event] = span._events
+            links: Sequence[Link] = span._links
+            dropped_attributes = attributes.dropped if type(attributes) is BoundedAttributes else 0
+            dropped_events = events.dropped if type(events) is BoundedList else 0
+            dropped_links = links.dropped if type(links) is BoundedList else 0
+        else:
+            ctx = span.context
+            parent = span.parent
+            name = span.name
+            kind = span.kind
+            start_time = span.start_time
+            end_time = span.end_time
+            attributes = getattr(span, "_attributes", None)
+            if attributes is None:
+                attributes = span.attributes
+            events = span.events
+            links = span.links
+            dropped_attributes = span.dropped_attributes
+            dropped_events = span.dropped_events
+            dropped_links = span.dropped_links
         assert ctx is not None
         parts = [
             b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big"),
@@ -301,33 +352,26 @@ class SpanEncoder:
         trace_state = ctx.trace_state
         if trace_state:
             parts.append(_text(b"\x1a", ",".join([f"{k}={v}" for k, v in trace_state.items()])))
-        parent = span.parent
         if parent is not None:
             parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-        if span.name:
-            parts.append(_text(b"\x2a", span.name))
-        parts.append(_BYTE[0x30] + _BYTE[span.kind.value + 1])
-        if span.start_time:
-            parts.append(b"\x39" + _pack_fixed64(span.start_time))
-        if span.end_time:
-            parts.append(b"\x41" + _pack_fixed64(span.end_time))
-        # ``attributes`` wraps them in a read-only proxy; read what it wraps.
-        attributes = getattr(span, "_attributes", None)
-        parts.append(
-            self._attributes(b"\x4a", span.attributes if attributes is None else attributes)
-        )
-        if span.dropped_attributes:
-            parts.append(b"\x50" + _varint(span.dropped_attributes))
-        events = span.events
+        if name:
+            parts.append(_text(b"\x2a", name))
+        parts.append(_KINDS[kind])
+        if start_time:
+            parts.append(b"\x39" + _pack_fixed64(start_time))
+        if end_time:
+            parts.append(b"\x41" + _pack_fixed64(end_time))
+        parts.append(self._attributes(b"\x4a", attributes))
+        if dropped_attributes:
+            parts.append(b"\x50" + _varint(dropped_attributes))
         if events:
             parts.extend([_field(b"\x5a", self._event(event)) for event in events])
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
-        links = span.links
+        if dropped_events:
+            parts.append(b"\x60" + _varint(dropped_events))
         if links:
             parts.extend([_field(b"\x6a", self._link(link)) for link in links])
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
+        if dropped_links:
+            parts.append(b"\x70" + _varint(dropped_links))
         status = span.status
         if status is not None:
             body = _text(b"\x12", status.description) if status.description else b""
@@ -355,6 +399,13 @@ class SpanEncoder:
         if link.dropped_attributes:
             body += b"\x28" + _varint(link.dropped_attributes)
         return body + b"\x35" + (_FLAGS_REMOTE if ctx.is_remote else _FLAGS_LOCAL)
+
+
+_SDK_SPAN_TYPES = frozenset({ReadableSpan, SdkSpan, LeanSpan})
+"""Span classes whose fields :meth:`SpanEncoder._span` reads directly."""
+
+_KINDS = {kind: _BYTE[0x30] + _BYTE[kind.value + 1] for kind in SpanKind}
+"""Span.kind's field for each kind (OTLP's enum is the API's, plus one)."""
 
 
 def _yield_gil() -> None:

@@ -21,7 +21,8 @@ for a service:
   ``OTEL_EXPORTER_OTLP_ENDPOINT`` and the per-signal
   ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT`` override the config endpoint;
   ``OTEL_METRICS_EXPORTER=none`` turns metric export off (for trace-only
-  backends).
+  backends); with no metric reader at all, the instruments are the API's
+  no-op ones and cost nothing per message.
 
 :meth:`Telemetry.shutdown` flushes every queued span; services call it last on
 SIGTERM so no span is lost when systemd stops them. Spans the batch queue had
@@ -48,7 +49,7 @@ from typing import Literal
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import Meter, NoOpMeter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -253,7 +254,14 @@ def setup_telemetry(
     if set_global:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-    meter = meter_provider.get_meter("ampsflow", __version__)
+    # With no reader nothing is ever read: the API's no-op meter costs nothing per
+    # measurement, where the SDK's still checks the attributes of each (~9 µs a
+    # histogram record on the 2-core VM, two per processed message).
+    meter = (
+        meter_provider.get_meter("ampsflow", __version__)
+        if readers
+        else NoOpMeter("ampsflow", __version__)
+    )
     losses.bind(meter)
     tracer = tracer_provider.get_tracer("ampsflow", __version__)
     if isinstance(tracer, SdkTracer):  # not when OTEL_SDK_DISABLED=true

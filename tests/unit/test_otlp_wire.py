@@ -386,3 +386,27 @@ def test_keys_whose_values_never_repeat_stop_being_cached() -> None:
     assert {"id", "n"} <= encoder._unique_keys
     assert "messaging.system" not in encoder._unique_keys
     assert any(key[1] == "messaging.system" for key in encoder._kv_cache)
+
+
+def _primed_encoder(keys: list[str]) -> SpanEncoder:
+    """An encoder that has counted ``keys`` as unique (their values never repeated)."""
+    encoder = SpanEncoder()
+    spans = [span(attributes={key: f"prime-{i}" for key in keys}) for i in range(300)]
+    encoder.encode(spans)
+    assert set(keys) <= encoder._unique_keys
+    return encoder
+
+
+UNIQUE_KEYS = ["messaging.message.id", "n", "ü-key"]
+PRIMED = _primed_encoder(UNIQUE_KEYS)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(UNIQUE_KEYS), VALUES), min_size=1, max_size=4))
+def test_values_of_unique_keys_encode_as_the_official_encoder(
+    items: list[tuple[str, object]],
+) -> None:
+    """Short ASCII text and int64 take the inline path; long, non-ASCII, negative, out-of-range
+    and other types take the general one: every one encodes (or is left out) as officially."""
+    spans = [span(attributes=dict(items)), span(attributes={k: "x" * 200 for k, _ in items})]
+    assert PRIMED.encode(spans) == official(spans)

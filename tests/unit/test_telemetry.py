@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 from opentelemetry.context import Context
+from opentelemetry.metrics import NoOpMeter
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -193,6 +195,35 @@ class TestSetup:
             telemetry.service_name,
             resource.attributes["service.name"],
         ) == ("renamed", "renamed")
+
+    def test_metrics_reach_a_reader_and_are_not_recorded_without_one(self) -> None:
+        """With a reader a duration arrives; with none, the instruments are no-ops."""
+        reader = InMemoryMetricReader()
+        read = setup_telemetry(
+            TelemetryConfig(exporter="none"),
+            "processor",
+            metric_reader=reader,
+            set_global=False,
+            environ={},
+        )
+        read.instruments.process_duration.record(0.002, {"messaging.system": "amps"})
+        data = reader.get_metrics_data()
+        assert data is not None
+        counts = {
+            metric.name: point.count
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            for point in metric.data.data_points
+        }
+        unread = setup_telemetry(
+            TelemetryConfig(exporter="none"), "processor", set_global=False, environ={}
+        )
+        unread.instruments.process_duration.record(0.002, {"messaging.system": "amps"})
+        read.shutdown()
+        unread.shutdown()
+        assert counts == {"messaging.process.duration": 1}
+        assert isinstance(unread.meter, NoOpMeter)
 
     def test_shutdown_flushes_the_batch_queue(self) -> None:
         """shutdown exports spans still waiting in the batch processor."""
