@@ -8,7 +8,6 @@ users file) and the systemd notifications. The broker itself is
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -19,7 +18,13 @@ from ampsflow.errors import (
     StartupError,
     TransactionLogError,
 )
-from ampsflow.lifecycle import LIVE_KEYS_COMMON, Daemon, run_service, serve_until_stopped
+from ampsflow.lifecycle import (
+    LIVE_KEYS_COMMON,
+    Daemon,
+    run_event_loop,
+    run_service,
+    serve_until_stopped,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
     def work(daemon: Daemon, telemetry: object) -> None:
         del telemetry  # the broker emits no spans
-        asyncio.run(_serve(daemon))
+        run_event_loop(_serve(daemon))
 
     return run_service(
         config,

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import AMPS
 import pytest
+import uvloop
 
 from ampsflow.config import DevbrokerConfig
 from ampsflow.devbroker.auth import Users
@@ -46,10 +47,11 @@ def free_port() -> int:
 
 
 class RunningBroker:
-    """A :class:`Broker` on its own event loop in a background thread."""
+    """A :class:`Broker` on its own event loop (uvloop's, as the devbroker process runs it) in a
+    background thread."""
 
     def __init__(self, config: DevbrokerConfig, users: Users | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.broker = Broker(config, users=users)
 
