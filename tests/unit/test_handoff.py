@@ -43,6 +43,25 @@ def test_a_full_handoff_holds_the_producer_until_the_loop_takes_one() -> None:
     assert [handoff.get(0.1), handoff.get(0.1)] == [2, 3]
 
 
+def test_a_blocked_producer_is_woken_once_half_the_handoff_is_taken() -> None:
+    """Not once per item: the receive thread wakes once per half a hand-off."""
+    handoff: Handoff[int] = Handoff(10)
+    never = threading.Event()
+    for i in range(10):
+        handoff.put(i, never, 0.01)
+    done = threading.Event()
+    producer = threading.Thread(target=lambda: (handoff.put(10, never, 60.0), done.set()))
+    producer.start()
+    time.sleep(0.05)
+    taken = [handoff.get(0.1) for _ in range(4)]
+    assert not done.wait(0.2), "woken before half the hand-off was taken"
+    taken.append(handoff.get(0.1))
+    assert done.wait(2), "not woken once half the hand-off was taken"
+    producer.join()
+    taken += [handoff.get(0.1) for _ in range(6)]
+    assert taken == list(range(11))
+
+
 def test_closing_releases_a_blocked_producer_without_adding_its_item() -> None:
     handoff: Handoff[int] = Handoff(1)
     closing = threading.Event()
