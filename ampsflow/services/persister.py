@@ -408,7 +408,7 @@ class Persister:
         data: bytes | None = None
         if message is not None:
             try:
-                data = build_line(message, provenance)
+                data = build_line(message, provenance, text=body)
             except RecordError as exc:
                 problem = BadMessageError("unserialisable", str(exc))
         if data is None:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ampsflow.core import transform
 from ampsflow.core.records import (
     DedupeIndex,
     Provenance,
@@ -19,7 +20,7 @@ from ampsflow.core.records import (
     parse_bookmark,
     parse_line,
 )
-from ampsflow.errors import RecordError
+from ampsflow.errors import BadMessageError, RecordError
 
 WHEN = datetime(2026, 11, 24, 16, 15, 24, 123456, tzinfo=UTC)
 PROV = Provenance(
@@ -123,6 +124,59 @@ class TestBuildLine:
         """Parsing a built line gives back the message and the provenance."""
         record = parse_line(build_line(message, PROV))
         assert (message, PROV.to_json()) == (record.message, record.provenance)
+
+
+_SPACE = st.sampled_from(["", " ", "  ", "\t", " \t "])
+
+
+@st.composite
+def object_texts(draw: st.DrawFn) -> tuple[dict[str, object], bytes]:
+    """A message and a JSON text of it as a publisher might write it: any spacing around
+    the tokens (no line breaks), escaped or raw non-ASCII."""
+    message = draw(messages)
+    ascii_only = draw(st.booleans())
+    space = draw(_SPACE)
+    text = json.dumps(
+        message, ensure_ascii=ascii_only, separators=(space + "," + space, space + ":" + space)
+    )
+    return message, (draw(_SPACE) + text + draw(_SPACE)).encode("utf-8", "surrogatepass")
+
+
+class TestBuildLineFromText:
+    """The line built from the body's own text against the one the encoder builds."""
+
+    @given(object_texts())
+    def test_the_same_json_as_encoding_the_message_again(
+        self, case: tuple[dict[str, object], bytes]
+    ) -> None:
+        message, text = case
+        try:
+            transform.parse_body(text, max_bytes=1 << 20)
+        except BadMessageError:
+            return  # a body the persister keeps raw never gets here
+        line = build_line(message, PROV, text=text)
+        assert line.endswith(b"\n")
+        assert line.count(b"\n") == 1
+        assert parse_line(line) == parse_line(build_line(message, PROV))
+        assert line.startswith(text.rstrip(b" \t")[:-1].rstrip(b" \t"))
+
+    def test_the_members_are_kept_byte_for_byte(self) -> None:
+        text = b'{ "id" : "m-1", "name":"\\u00e9", "n": 1.50 }'
+        line = build_line(transform.parse_body(text, max_bytes=1024), PROV, text=text)
+        assert line.startswith(b'{ "id" : "m-1", "name":"\\u00e9", "n": 1.50,"_ampsflow":{')
+
+    def test_an_empty_object_gets_only_the_provenance(self) -> None:
+        line = build_line({}, PROV, text=b"{ }")
+        assert line.startswith(b'{"_ampsflow":{"trace_id":')
+        assert parse_line(line).message == {}
+
+    @pytest.mark.parametrize(
+        "text",
+        [b'{\n  "id": "m-1"\n}', b'{"id": "m-1"}\r', b'{"_ampsflow": {"topic": "x"}, "id": "m-1"}'],
+    )
+    def test_line_breaks_and_an_existing_provenance_are_encoded_again(self, text: bytes) -> None:
+        message = transform.parse_body(text, max_bytes=1024)
+        assert build_line(message, PROV, text=text) == build_line(message, PROV)
 
 
 class TestBuildRawLine:
