@@ -10,9 +10,11 @@ For each tracing mode, in the same run and on fresh daemons and a fresh broker l
   sampled (the daemons' sampler is parent-based, so the publisher's flag decides, as
   the marker page's does).
 
-Each mode runs three phases, all with ~200-byte JSON marks that carry a unique ``id``,
-the send time and the CorrelationId in the header and in the payload, published with
-the official ``AMPS`` Python client to ``internal``:
+Each mode first publishes ``--warmup-seconds`` (2) at the first rate, unmeasured (the
+daemons' first messages take code paths for the first time), then runs three phases, all
+with ~200-byte JSON marks that carry a unique ``id``, the send time and the CorrelationId
+in the header and in the payload, published with the official ``AMPS`` Python client to
+``internal``:
 
 1. latency at a fixed offered load of 1,000 msgs/s (``--rates``), open loop: each
    message is stamped with its scheduled send time, so a stall of the publisher or
@@ -24,8 +26,8 @@ the official ``AMPS`` Python client to ``internal``:
 Latency is from the scheduled send time to the moment a reader process tailing the
 JSONL file (polling every 0.5 ms) sees the line; the persister writes then
 ``fdatasync``s each batch, so the line becomes visible one ``fdatasync`` before it
-is durable (see ``persister_durability.py`` for that disk's figure). All
-processes are on this host: one clock.
+is durable (see ``persister_durability.py`` for that disk's figure). The reader has
+the file open before anything is published. All processes are on this host: one clock.
 
 CPU per message of each daemon is the ``utime + stime`` delta of its process
 (``/proc/PID/stat``, every thread, including the span export thread) over a phase,
@@ -204,8 +206,12 @@ def tap(uri: str, stop: Any, ready: Any, results: Any) -> None:
     results.put(arrivals)
 
 
-def tail_reader(path: str, stop: Any, count: Any, results: Any) -> None:
-    """Tail the JSONL file; record (id, sent_ns, seen_ns, persisted_at) of every line."""
+def tail_reader(path: str, stop: Any, ready: Any, count: Any, results: Any) -> None:
+    """Tail the JSONL file; record (id, sent_ns, seen_ns, persisted_at) of every line.
+
+    ``ready`` is set once the file is open: a line written before the reader runs would
+    be seen as late as the reader's start (~0.1 s), which is the p99 of a 10 s phase.
+    """
     while not os.path.exists(path):
         if stop.is_set():
             results.put([])
@@ -214,6 +220,7 @@ def tail_reader(path: str, stop: Any, count: Any, results: Any) -> None:
     seen: list[tuple[bytes, int, int, bytes]] = []
     pending = b""
     with open(path, "rb") as f:
+        ready.set()
         while True:
             chunk = f.read(1 << 20)
             if not chunk:
@@ -506,9 +513,14 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
             "persister": persister,
         }
         jsonl = Path(config["persister"]["path"])
-        stop, count, results = ctx.Event(), ctx.Value("q", 0), ctx.Queue()
-        reader = ctx.Process(target=tail_reader, args=(str(jsonl), stop, count, results))
+        stop, reader_ready = ctx.Event(), ctx.Event()
+        count, results = ctx.Value("q", 0), ctx.Queue()
+        reader = ctx.Process(
+            target=tail_reader, args=(str(jsonl), stop, reader_ready, count, results)
+        )
         reader.start()
+        if not reader_ready.wait(30):
+            raise RuntimeError("the JSONL reader did not start")
         tap_stop, tap_ready, tap_results = ctx.Event(), ctx.Event(), ctx.Queue()
         tapper = None
         if args.tap:
@@ -536,6 +548,12 @@ def run_mode(mode: Mode, args: argparse.Namespace, sink: OtlpSink, root: Path) -
             phases.append(phase)
 
         try:
+            if args.warmup_seconds > 0 and args.rates:
+                rate = args.rates[0]
+                warmup = Phase("warmup", int(rate * args.warmup_seconds), float(rate))
+                measure(warmup, lambda: publisher.paced("warmup", rate, warmup.messages))
+                phases.remove(warmup)  # checked for loss, not reported
+                time.sleep(1.0)
             for rate in args.rates:
                 n = int(rate * args.seconds)
                 phase = Phase(f"rate{rate}", n, float(rate))
@@ -730,6 +748,12 @@ def main() -> int:
         "--rates", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 5000]
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="per fixed-rate phase")
+    parser.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=2.0,
+        help="unmeasured publishing at the first rate before the phases",
+    )
     parser.add_argument("--modes", default="off,100,10")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
