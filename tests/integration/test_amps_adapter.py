@@ -136,8 +136,10 @@ class TestReconnect:
             client.publish("r", f'{{"i":{i}}}', None)
         assert client.flush(30)
         rest = receive_all(client, 50)
-        assert ([f'{{"i":{i}}}'.encode() for i in range(100)], None, 1) == (
+        # At least one reconnect: on a loaded machine an attempt can fail (the broker
+        # still starting) and the client tries again, which is just as correct.
+        assert ([f'{{"i":{i}}}'.encode() for i in range(100)], None, True) == (
             bodies(first + rest),
             client.receive(0.5),
-            client.reconnects,
+            client.reconnects >= 1,
         )
