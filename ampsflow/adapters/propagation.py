@@ -12,7 +12,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 
-from ampsflow.core.codec import TraceParent, decode_correlation_id, encode_correlation_id
+from ampsflow.core.codec import TraceParent, decode_correlation_id, encode_span_ids
 from ampsflow.errors import CorrelationIdError
 
 PROBLEM_ATTRIBUTE = "ampsflow.correlation_id.problem"
@@ -62,8 +62,12 @@ def extract_context(header_cid: str | None, payload_cid: str | None) -> tuple[Co
 
 
 def correlation_id_of(span: Span) -> str:
-    """The CorrelationId that makes ``span`` the parent of the next hop."""
+    """The CorrelationId that makes ``span`` the parent of the next hop.
+
+    Raises:
+        CorrelationIdError: ``span`` has no valid context (no span the services start).
+    """
     ctx = span.get_span_context()
-    return encode_correlation_id(
-        TraceParent(version=0, trace_id=ctx.trace_id, span_id=ctx.span_id, flags=ctx.trace_flags)
-    )
+    if not ctx.is_valid:
+        raise CorrelationIdError("out_of_range", "the span has no valid trace and span id")
+    return encode_span_ids(ctx.trace_id, ctx.span_id, ctx.trace_flags)

@@ -59,6 +59,15 @@ def encode_correlation_id(tp: TraceParent) -> str:
     return f"{tp.version:02x}{tp.trace_id:032x}{tp.span_id:016x}{tp.flags:02x}"
 
 
+def encode_span_ids(trace_id: int, span_id: int, flags: int) -> str:
+    """The version-00 CorrelationId of ids already known to be valid (a live span's).
+
+    :func:`encode_correlation_id` of the same :class:`TraceParent`, without building and
+    checking one: half the cost, once per processed message.
+    """
+    return f"00{trace_id:032x}{span_id:016x}{flags:02x}"
+
+
 def decode_correlation_id(value: str) -> TraceParent:
     """Decode a CorrelationId (52 hex, any case) or a dashed ``traceparent``.
 

@@ -10,7 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ampsflow.core.codec import TraceParent, decode_correlation_id, encode_correlation_id
+from ampsflow.core.codec import (
+    TraceParent,
+    decode_correlation_id,
+    encode_correlation_id,
+    encode_span_ids,
+)
 from ampsflow.errors import CorrelationIdError
 
 VECTORS: dict[str, Any] = json.loads(
@@ -81,6 +86,14 @@ class TestRoundTrip:
         """An encoded CorrelationId is always 52 characters of 0-9a-f."""
         value = encode_correlation_id(tp)
         assert (len(value), set(value) <= set("0123456789abcdef")) == (52, True)
+
+    @given(trace_parents)
+    def test_a_live_span_s_ids_encode_as_the_checked_form(self, tp: TraceParent) -> None:
+        """encode_span_ids is encode_correlation_id for version 00, without the checks."""
+        version_00 = TraceParent(0, tp.trace_id, tp.span_id, tp.flags)
+        assert encode_span_ids(tp.trace_id, tp.span_id, tp.flags) == encode_correlation_id(
+            version_00
+        )
 
     @given(trace_parents)
     def test_dashed_and_upper_case_decode_alike(self, tp: TraceParent) -> None:
