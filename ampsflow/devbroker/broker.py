@@ -377,7 +377,9 @@ class Broker:
         :data:`LOG_EVERY_S`."""
         limit = self._fd_limit
         if limit is None or len(self._conns) + FD_RESERVE < limit:
-            return  # far from the limit: not worth listing the open files
+            # Far from it: the broker's other files (a log segment, the loop's own, the
+            # users file) are much fewer than FD_RESERVE; not worth listing them.
+            return
         open_fds = _open_fds(limit)
         if open_fds < limit - 1:
             return
