@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import yaml
 
 from ampsflow.config import load_config
 from ampsflow.services.demo import child_environment, demo_config, traces_url
+from tests.support.processes import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -103,13 +103,6 @@ class TestChildEnvironment:
         assert env["OTEL_METRICS_EXPORTER"] == "otlp"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class RunningDemo:
     process: subprocess.Popen[str]
@@ -135,7 +128,7 @@ class RunningDemo:
 
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[RunningDemo]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "ampsflow", "demo", "--dir", str(tmp_path), "--port", str(port)],
         stdin=subprocess.DEVNULL,

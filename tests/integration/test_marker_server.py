@@ -42,21 +42,14 @@ from ampsflow.services.marker.server import (
     health_counters,
 )
 from tests.strategies import HttpRequest, http_requests, otlp_bodies, otlp_span
-from tests.support.processes import Daemon, wait_for, write_config
+from tests.support.processes import Daemon, free_port, wait_for, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _closed_port_url(path: str) -> str:
     """A URL on a loopback port nothing listens on."""
-    return f"http://127.0.0.1:{_free_port()}{path}"
+    return f"http://127.0.0.1:{free_port()}{path}"
 
 
 @dataclass
@@ -75,7 +68,7 @@ class Collector:
 
 @asynccontextmanager
 async def _serve(app: web.Application) -> AsyncIterator[TestServer]:
-    server = TestServer(app, host="127.0.0.1", port=_free_port())
+    server = TestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     try:
         yield server
@@ -432,7 +425,7 @@ class TestOtlpProxy:
         collector = Collector()
 
         async def scenario() -> list[bytes]:
-            port = _free_port()
+            port = free_port()
             config = _config(
                 otlp_traces_upstream=f"http://127.0.0.1:{port}/v1/traces",
                 forward_retry_max_delay_ms=200,
@@ -753,7 +746,7 @@ class TestJourneyPush:
 
         async def scenario() -> float:
             app = build_app(_config(otlp_traces_upstream=None))
-            server = TestServer(app, host="127.0.0.1", port=_free_port())
+            server = TestServer(app, host="127.0.0.1", port=free_port())
             await server.start_server()
             async with (
                 aiohttp.ClientSession() as client,
@@ -898,7 +891,7 @@ def _wait_healthy(port: int, process: subprocess.Popen[bytes]) -> None:
 class TestProcess:
     def test_sigterm_exits_zero(self, tmp_path: Path) -> None:
         """SIGTERM shuts the server down gracefully with exit status 0."""
-        port = _free_port()
+        port = free_port()
         with _marker_process(tmp_path, port) as process:
             _wait_healthy(port, process)
             process.send_signal(signal.SIGTERM)
@@ -907,7 +900,7 @@ class TestProcess:
     def test_sd_notify_ready_then_stopping(self, tmp_path: Path) -> None:
         """The server tells systemd READY=1 once listening and STOPPING=1 on SIGTERM."""
         path = write_config(
-            tmp_path / "ampsflow.yaml", {"marker": {"listen": f"127.0.0.1:{_free_port()}"}}
+            tmp_path / "ampsflow.yaml", {"marker": {"listen": f"127.0.0.1:{free_port()}"}}
         )
         marker = Daemon("marker", ["marker", "--config", str(path)], tmp_path / "marker.log")
         try:
@@ -921,7 +914,7 @@ class TestProcess:
     def test_sighup_reloads_without_stopping(self, tmp_path: Path) -> None:
         """SIGHUP (systemctl reload, logrotate) is acknowledged with RELOADING=1 then READY=1."""
         path = write_config(
-            tmp_path / "ampsflow.yaml", {"marker": {"listen": f"127.0.0.1:{_free_port()}"}}
+            tmp_path / "ampsflow.yaml", {"marker": {"listen": f"127.0.0.1:{free_port()}"}}
         )
         marker = Daemon("marker", ["marker", "--config", str(path)], tmp_path / "marker.log")
         try:
@@ -1401,7 +1394,7 @@ class TestJourneyCommand:
 
     def test_marker_down_is_status_2(self, tmp_path: Path) -> None:
         """An unreachable marker: a one-line error and exit status 2."""
-        done = _journey_cli(tmp_path, _free_port(), "m-1")
+        done = _journey_cli(tmp_path, free_port(), "m-1")
         assert (done.returncode, done.stderr.startswith("ampsflow journey: cannot ask")) == (
             2,
             True,

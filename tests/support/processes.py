@@ -22,7 +22,9 @@ another value (trace backends such as Phoenix take no metrics).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,11 +45,42 @@ STOP_TIMEOUT_S = 30.0
 POLL_S = 0.05
 
 
+_HANDED_OUT: set[int] = set()
+
+
+@functools.cache
+def _listener_ports() -> list[int]:
+    """The ports above 10,000 that outgoing connections never take as their local port
+    (those in ``ip_local_port_range``, Linux's default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        ephemeral = range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        ephemeral = range(32768, 61000)
+    return [port for port in range(10_000, 65_536) if port not in ephemeral]
+
+
 def free_port() -> int:
-    """A loopback port the kernel just handed out (bound to port 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a listener: free now, and outside the ephemeral range.
+
+    A port the kernel hands out for ``bind(("127.0.0.1", 0))`` is an ephemeral one,
+    which any outgoing connection (an AMPS client of an earlier test) may take as its
+    local port before the listener binds it ("address already in use"). Ports below
+    the ephemeral range are never taken that way; each is handed out once per process.
+    """
+    candidates = _listener_ports()
+    for _ in range(1000):
+        port = random.choice(candidates)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
 def wait_for(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:

@@ -24,6 +24,7 @@ import uvloop
 from ampsflow.config import DevbrokerConfig
 from ampsflow.devbroker.auth import Users
 from ampsflow.devbroker.broker import Broker
+from tests.support.processes import free_port
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[3]
@@ -37,13 +38,6 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLI
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
-
-
-def free_port() -> int:
-    """A port the kernel just handed out for 127.0.0.1 (bound to port 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RunningBroker:
