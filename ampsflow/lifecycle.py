@@ -54,11 +54,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Collection, Coroutine, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
-
-import uvloop
 
 from ampsflow.adapters.export_health import ExportLogFilter
 from ampsflow.adapters.systemd import Notifier
@@ -391,16 +389,6 @@ def freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run an asyncio service's ``main`` to completion on a new uvloop event loop.
-
-    uvloop (libuv) runs the loop and its TCP transports in C: on the 2-core VM the
-    devbroker's CPU per message at burst fell from 39-44 to 29-32 µs and the traced
-    pipeline's throughput rose by a quarter (BENCHMARKS.md, "Tracing, fourth pass").
-    """
-    uvloop.run(main)
 
 
 async def serve_until_stopped(daemon: Daemon, *, tick_s: float = WATCHDOG_TICK_S) -> None:

@@ -23,11 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import logging
-import os
 import resource
 import time
 from collections import deque
@@ -97,11 +95,9 @@ class _Throttle:
         return held
 
 
-def _ensure_fd_limit(wanted: int) -> int | None:
+def _ensure_fd_limit(wanted: int) -> None:
     """Raise the soft open-file limit towards ``wanted`` (within the hard limit); warn when
-    it stays below, since accepting then fails with EMFILE before ``max_connections``.
-
-    Returns the soft limit in force (None: unlimited or unknown)."""
+    it stays below, since accepting then fails with EMFILE before ``max_connections``."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -110,28 +106,16 @@ def _ensure_fd_limit(wanted: int) -> int | None:
             soft = target
     except (OSError, ValueError) as exc:
         logger.warning("cannot raise the open-file limit: %s", exc)
-        return None
-    if soft == resource.RLIM_INFINITY:
-        return None
-    if soft < wanted:
+        return
+    if soft != resource.RLIM_INFINITY and soft < wanted:
         logger.warning(
             "open-file limit %d is below max_connections + %d = %d: at the limit new "
-            "connections are closed as soon as they are accepted (logged at most every %g s)",
+            "connections fail to be accepted (logged at most every %g s)",
             soft,
             FD_RESERVE,
             wanted,
             LOG_EVERY_S,
         )
-    return int(soft)
-
-
-def _open_fds(limit: int) -> int:
-    """How many file descriptors this process has open (``limit`` when listing them fails
-    for want of one; 0 when they cannot be listed at all)."""
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError as exc:
-        return limit if exc.errno in {errno.EMFILE, errno.ENFILE} else 0
 
 
 def _parse_body(body: bytes) -> object:
@@ -194,7 +178,8 @@ class Broker:
         """Outbound bytes above which a connection is fed from the log (flow control)."""
         self._progress: dict[Connection, tuple[int, float]] = {}
         self._accept_log = _Throttle(LOG_EVERY_S)
-        self._fd_limit: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous_handler: Any = None
         self._tcp_server: asyncio.Server | None = None
         self._ws_runner: web.AppRunner | None = None
         self._tcp_port = 0
@@ -264,7 +249,10 @@ class Broker:
         self._spawn(self._committer())
         self._spawn(self._ticker())
         loop = asyncio.get_running_loop()
-        self._fd_limit = _ensure_fd_limit(self.config.max_connections + FD_RESERVE)
+        self._loop = loop
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
+        _ensure_fd_limit(self.config.max_connections + FD_RESERVE)
         try:
             host, port = parse_host_port(self.config.tcp)
             self._tcp_server = await loop.create_server(
@@ -310,6 +298,8 @@ class Broker:
                 await task
         self._executor.shutdown(wait=True)
         self._auth_executor.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            self._loop.set_exception_handler(self._previous_handler)
         self.log.close()
         logger.info("devbroker stopped: %s %s", self.counters.as_text(), self.queues.stats_text())
 
@@ -370,30 +360,27 @@ class Broker:
         conn.start_logon_timer()
         logger.debug("%r: connected", conn)
 
-    def _check_fd_limit(self) -> None:
-        """At the open-file limit the event loop (libuv) closes each new connection as soon
-        as it accepts it, so it never reaches :meth:`admit`: while this process is at the
-        limit, count it in ``accept_errors`` (once per tick) and log one line per
-        :data:`LOG_EVERY_S`."""
-        limit = self._fd_limit
-        if limit is None or len(self._conns) + FD_RESERVE < limit:
-            # Far from it: the broker's other files (a log segment, the loop's own, the
-            # users file) are much fewer than FD_RESERVE; not worth listing them.
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # At the open-file limit asyncio's accept loop reports every failed accept() with a
+        # traceback, thousands a second: count them, log one line now and then.
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and str(context.get("message", "")).startswith(
+            "socket.accept()"
+        ):
+            self.counters.accept_errors += 1
+            held = self._accept_log.allow()
+            if held is not None:
+                logger.error(
+                    "cannot accept connections: %s (%d more since the last report; "
+                    "raise the open-file limit or lower max_connections)",
+                    exc,
+                    held,
+                )
             return
-        open_fds = _open_fds(limit)
-        if open_fds < limit - 1:
-            return
-        self.counters.accept_errors += 1
-        held = self._accept_log.allow()
-        if held is not None:
-            logger.error(
-                "cannot accept connections: %d of %d files open, new connections are closed "
-                "at once (%d more ticks at the limit since the last report; raise the "
-                "open-file limit or lower max_connections)",
-                open_fds,
-                limit,
-                held,
-            )
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     async def check_password(self, conn: Connection, user: str, password: str) -> bool:
         """Verify a logon's password in a worker thread, ``max_concurrent_logons`` at a time.
@@ -758,7 +745,6 @@ class Broker:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
-            self._check_fd_limit()
             for conn in list(self._conns):
                 self._check_progress(conn, now)
                 if conn.closed:

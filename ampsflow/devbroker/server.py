@@ -8,6 +8,7 @@ users file) and the systemd notifications. The broker itself is
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
@@ -18,13 +19,7 @@ from ampsflow.errors import (
     StartupError,
     TransactionLogError,
 )
-from ampsflow.lifecycle import (
-    LIVE_KEYS_COMMON,
-    Daemon,
-    run_event_loop,
-    run_service,
-    serve_until_stopped,
-)
+from ampsflow.lifecycle import LIVE_KEYS_COMMON, Daemon, run_service, serve_until_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +41,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
     def work(daemon: Daemon, telemetry: object) -> None:
         del telemetry  # the broker emits no spans
-        run_event_loop(_serve(daemon))
+        asyncio.run(_serve(daemon))
 
     return run_service(
         config,

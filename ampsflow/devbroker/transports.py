@@ -21,9 +21,10 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import time
 from collections import deque
-from typing import Protocol, cast
+from typing import Protocol
 
 from aiohttp import WSMsgType, web
 
@@ -107,7 +108,7 @@ async def serve_websocket(broker: TransportBroker, request: web.Request) -> web.
         return web.Response(status=503, text="too many connections\n")
     ws = web.WebSocketResponse(max_msg_size=broker.config.max_frame_bytes)
     await ws.prepare(request)
-    conn = WsConnection(broker, ws, peer, request.transport)
+    conn = WsConnection(broker, ws, peer)
     broker.add_connection(conn)
     reason = "client closed"
     try:
@@ -229,8 +230,7 @@ class TcpConnection(Connection, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Register with the broker."""
-        # A stream transport (uvloop's is one without subclassing asyncio.Transport).
-        transport = cast(asyncio.Transport, transport)
+        assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -398,16 +398,9 @@ class WsConnection(Connection):
     transport_name = "ws"
     broker: TransportBroker
 
-    def __init__(
-        self,
-        broker: TransportBroker,
-        ws: web.WebSocketResponse,
-        peer: str,
-        stream: asyncio.Transport | None,
-    ) -> None:
+    def __init__(self, broker: TransportBroker, ws: web.WebSocketResponse, peer: str) -> None:
         super().__init__(broker, peer)
         self._ws = ws
-        self._stream = stream
         self._queue: deque[tuple[str, bytes | None]] = deque()
         self._queued_bytes = 0
         self._sent = 0
@@ -479,16 +472,18 @@ class WsConnection(Connection):
         return self._sent
 
     def abort(self, reason: str) -> None:
-        """Drop the connection at once: discard what is queued and abort the underlying
-        stream (the writer may be blocked on a peer that does not read)."""
+        """Drop the connection at once: discard what is queued and shut the socket down
+        (the writer may be blocked on a peer that does not read)."""
         self._queue.clear()
         self._queued_bytes = 0
         self.close_reason = self.close_reason or reason
         self.closed = True
         self._wakeup.set()
         self._below_high_water.set()
-        if self._stream is not None:
-            self._stream.abort()
+        sock = self._ws.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def drain(self) -> None:
         """Wait while more than the high-water mark is queued."""

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import AMPS
 import pytest
-import uvloop
 
 from ampsflow.config import DevbrokerConfig
 from ampsflow.devbroker.auth import Users
@@ -41,11 +40,10 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLI
 
 
 class RunningBroker:
-    """A :class:`Broker` on its own event loop (uvloop's, as the devbroker process runs it) in a
-    background thread."""
+    """A :class:`Broker` on its own event loop in a background thread."""
 
     def __init__(self, config: DevbrokerConfig, users: Users | None = None) -> None:
-        self.loop = uvloop.new_event_loop()
+        self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.broker = Broker(config, users=users)
 
