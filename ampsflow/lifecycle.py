@@ -381,9 +381,9 @@ def freeze_startup_objects() -> None:
 
     A started service holds ~50,000 container objects that live as long as it does
     (the modules of the AMPS client, OpenTelemetry, aiohttp; its config and
-    connections), and every full collection walked them all: a 20-30 ms stall
-    of the message loop each time (``gc.callbacks`` in every process,
-    BENCHMARKS.md "Tracing, fourth pass"), a few times a minute at 1,000 msgs/s.
+    connections), and every full collection walked them all: a 20-35 ms stall
+    of the message loop each time, in every process (``gc.callbacks`` during
+    ``benchmarks/pipeline.py``, BENCHMARKS.md "Tracing, fourth pass").
     Garbage is collected first, so none is kept; what is frozen is still freed by
     reference counting when it goes.
     """

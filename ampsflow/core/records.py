@@ -121,10 +121,9 @@ def build_line(
 
     ``text``, when given, is the UTF-8 JSON text ``message`` was parsed from (by
     :func:`ampsflow.core.transform.parse_body`'s rules). The line is then that
-    text with ``,"_ampsflow":{...}`` put before its closing brace, which is the
-    same JSON value as encoding ``message`` again at a fraction of the cost
-    (the encoder was 15% of the persister's CPU at burst, BENCHMARKS.md), and
-    keeps the members byte for byte as received. A text with a line break in
+    text with ``,"_ampsflow":{...}`` put before its closing brace: the same JSON
+    value as encoding ``message`` again, with the members kept byte for byte as
+    received, for less (3.7 instead of 4.5 µs for a 200-byte mark, BENCHMARKS.md). A text with a line break in
     it (pretty-printed JSON) or with an ``_ampsflow`` member is encoded again.
 
     An ``_ampsflow`` member already present in ``message`` (for example a record
