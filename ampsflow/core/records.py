@@ -123,8 +123,9 @@ def build_line(
     :func:`ampsflow.core.transform.parse_body`'s rules). The line is then that
     text with ``,"_ampsflow":{...}`` put before its closing brace: the same JSON
     value as encoding ``message`` again, with the members kept byte for byte as
-    received, for less (3.7 instead of 4.5 µs for a 200-byte mark, BENCHMARKS.md). A text with a line break in
-    it (pretty-printed JSON) or with an ``_ampsflow`` member is encoded again.
+    received, for less (3.7 instead of 4.5 µs for a 200-byte mark, BENCHMARKS.md).
+    A text with a line break in it (pretty-printed JSON) or with an ``_ampsflow``
+    member is encoded again.
 
     An ``_ampsflow`` member already present in ``message`` (for example a record
     fed back from another pipeline) is kept as ``_ampsflow.upstream``, never
