@@ -65,7 +65,7 @@ def free_port() -> int:
 
     A port the kernel hands out for ``bind(("127.0.0.1", 0))`` is an ephemeral one,
     which any outgoing connection (an AMPS client of an earlier test) may take as its
-    local port before the listener binds it ("address already in use"). Ports below
+    local port before the listener binds it ("address already in use"). Ports outside
     the ephemeral range are never taken that way; each is handed out once per process.
     """
     candidates = _listener_ports()
