@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.processes import free_port
 
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -93,18 +94,6 @@ def debian_mirror() -> str:
             if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
                 return parts[1]
     return "http://deb.debian.org/debian"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on loopback right now (bound to port 0, then released)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wait_for(what: str, predicate: object, timeout_s: float = 60.0) -> None:
@@ -393,7 +382,7 @@ def container(base_rootfs: Path, artifacts: Path, tmp_path: Path) -> Iterator[Co
 
 def move_to_free_ports(box: Container, python: str) -> None:
     """Edit the config like an operator: every listener and upstream on a free port."""
-    tcp, ws, web, otlp = free_ports(4)
+    tcp, ws, web, otlp = (free_port() for _ in range(4))
     edits = {
         "tcp://127.0.0.1:9007/amps/json": f"tcp://127.0.0.1:{tcp}/amps/json",
         "tcp: 127.0.0.1:9007": f"tcp: 127.0.0.1:{tcp}",
