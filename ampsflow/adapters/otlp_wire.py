@@ -48,7 +48,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
 from opentelemetry.trace import Link, SpanContext, SpanKind
 
-from ampsflow.adapters.lean_spans import LeanSpan
+from ampsflow.adapters.lean_spans import LeanSpan, LightSpan
 
 logger = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ class SpanEncoder:
         return body + b"\x35" + (_FLAGS_REMOTE if ctx.is_remote else _FLAGS_LOCAL)
 
 
-_SDK_SPAN_TYPES = frozenset({ReadableSpan, SdkSpan, LeanSpan})
+_SDK_SPAN_TYPES = frozenset({ReadableSpan, SdkSpan, LeanSpan, LightSpan})
 """Span classes whose fields :meth:`SpanEncoder._span` reads directly."""
 
 _KINDS = {kind: _BYTE[0x30] + _BYTE[kind.value + 1] for kind in SpanKind}
@@ -436,6 +436,11 @@ class OtlpHttpSpanExporter(OTLPSpanExporter):
                 "encoder was built on; spans are encoded by the SDK instead (slower)"
             )
             self._encoder = None
+
+    @property
+    def encodes_light_spans(self) -> bool:
+        """Whether this exporter encodes spans itself, so it can take a ``LightSpan``."""
+        return self._encoder is not None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._encoder is None:

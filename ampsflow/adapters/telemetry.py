@@ -17,7 +17,9 @@ for a service:
   ``/v1/metrics``, or ``grpc`` to ``endpoint``), ``console`` or ``none``.
   Spans over ``http/protobuf`` go through
   :class:`~ampsflow.adapters.otlp_wire.OtlpHttpSpanExporter`: the SDK's
-  exporter with a direct wire encoder that never holds the GIL for long.
+  exporter with a direct wire encoder that never holds the GIL for long,
+  and the tracer starts the services' spans as
+  :class:`~ampsflow.adapters.lean_spans.LightSpan` for it.
   ``OTEL_EXPORTER_OTLP_ENDPOINT`` and the per-signal
   ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT`` override the config endpoint;
   ``OTEL_METRICS_EXPORTER=none`` turns metric export off (for trace-only
@@ -199,6 +201,7 @@ def setup_telemetry(
     max_queue_size = _env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", config.max_queue_size)
     losses = SpanLossCounter(max_queue_size)
     exporter = span_exporter if span_exporter is not None else _span_exporter(config, env)
+    light_processor: SpanProcessor | None = None  # spans only ampsflow's encoder reads
     if exporter is not None:
         counted = CountingExporter(exporter, losses)
         processor: SpanProcessor
@@ -219,7 +222,12 @@ def setup_telemetry(
                     env, "OTEL_BSP_EXPORT_TIMEOUT", config.export_timeout_ms
                 ),
             )
-        tracer_provider.add_span_processor(CountingProcessor(processor, losses))
+        counting = CountingProcessor(processor, losses)
+        tracer_provider.add_span_processor(counting)
+        from ampsflow.adapters.otlp_wire import OtlpHttpSpanExporter  # noqa: PLC0415
+
+        if isinstance(exporter, OtlpHttpSpanExporter) and exporter.encodes_light_spans:
+            light_processor = counting
 
     readers: list[MetricReader] = []
     if metric_reader is not None:
@@ -265,7 +273,7 @@ def setup_telemetry(
     losses.bind(meter)
     tracer = tracer_provider.get_tracer("ampsflow", __version__)
     if isinstance(tracer, SdkTracer):  # not when OTEL_SDK_DISABLED=true
-        tracer = LeanTracer(tracer)
+        tracer = LeanTracer(tracer, light_processor)
     return Telemetry(
         service_name=name,
         tracer_provider=tracer_provider,

@@ -4,7 +4,10 @@ Two providers with the same sampler, limits and a deterministic id generator
 each record one span, one through the SDK's tracer and one through
 :class:`~ampsflow.adapters.lean_spans.LeanTracer`, from the same generated
 operations. Both exports are encoded by the official OTLP encoder and
-compared byte for byte.
+compared byte for byte. With a light processor, the lean tracer's spans
+(:class:`~ampsflow.adapters.lean_spans.LightSpan`, or the ``LeanSpan`` one
+becomes) are encoded by ampsflow's wire encoder, which is all that reads them,
+and the decoded request is compared with the official encoding of the SDK's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import Span as SdkSpan
@@ -42,7 +46,8 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from ampsflow.adapters.lean_spans import LeanSpan, LeanTracer
+from ampsflow.adapters.lean_spans import LeanSpan, LeanTracer, LightSpan
+from ampsflow.adapters.otlp_wire import SpanEncoder
 from ampsflow.adapters.telemetry import FailuresSampled
 from ampsflow.testing import in_memory_telemetry
 
@@ -239,6 +244,125 @@ def test_exports_what_the_sdk_exports(
             their_spans[0].dropped_attributes,
             their_spans[0].dropped_events,
         )
+
+
+def light_recorder(
+    sampler: Sampler, limits: SpanLimits, random_ids: bool
+) -> tuple[LeanTracer, InMemorySpanExporter]:
+    """A lean tracer whose provider's only processor is its light processor."""
+    provider, exporter = recorder(sampler, limits, random_ids)
+    (processor,) = provider._active_span_processor._span_processors
+    return LeanTracer(provider.get_tracer("t", "1"), processor), exporter
+
+
+def decoded(request: bytes) -> bytes:
+    return ExportTraceServiceRequest.FromString(request).SerializeToString(deterministic=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sampler=samplers,
+    limits=limits_strategy,
+    random_ids=st.booleans(),
+    scenario=scenarios,
+)
+def test_light_spans_export_what_the_sdk_exports(
+    sampler: Sampler, limits: SpanLimits, random_ids: bool, scenario: dict[str, Any]
+) -> None:
+    """Whatever is done to a light span, the wire encoder sends the SDK's span."""
+    theirs_provider, theirs = recorder(sampler, limits, random_ids)
+    tracer, mine = light_recorder(sampler, limits, random_ids)
+    logging.disable(logging.WARNING)
+    try:
+        their_result = run(theirs_provider.get_tracer("t", "1"), scenario)
+        my_result = run(tracer, scenario)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert my_result == their_result
+    my_spans, their_spans = mine.get_finished_spans(), theirs.get_finished_spans()
+    assert len(my_spans) == len(their_spans)
+    assert decoded(SpanEncoder().encode(my_spans)) == decoded(
+        encode_spans(their_spans).SerializeToString()
+    )
+
+
+few_keys = st.sampled_from(["a", "b", "c", "d"])
+plain_maps = st.dictionaries(few_keys, scalars, max_size=4)
+plain_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("set_attribute"), st.tuples(few_keys, scalars)),
+        st.tuples(st.just("set_attributes"), st.tuples(plain_maps)),
+        st.tuples(
+            st.just("add_event"),
+            st.tuples(st.text(max_size=5), st.one_of(st.none(), plain_maps), st.integers(0, 9)),
+        ),
+        st.tuples(st.just("update_name"), st.tuples(st.text(max_size=5))),
+    ),
+    max_size=10,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    limits=st.sampled_from(
+        [SpanLimits(), SpanLimits(max_span_attributes=3, max_events=2, max_event_attributes=1)]
+    ),
+    attributes=plain_maps,
+    ops=plain_operations,
+    after_end=st.booleans(),
+)
+def test_plain_operations_export_what_the_sdk_exports(
+    limits: SpanLimits, attributes: dict[str, Any], ops: list[Any], after_end: bool
+) -> None:
+    """The daemons' kind of operations (plain values, keys set again, limits reached) on a
+    light span send the SDK's span."""
+    scenario = {
+        "name": "s",
+        "parent": "sampled",
+        "kind": SpanKind.CONSUMER,
+        "attributes": attributes,
+        "linked": False,
+        "ops": ops,
+        "after_end": after_end,
+    }
+    test_light_spans_export_what_the_sdk_exports.hypothesis.inner_test(  # type: ignore[attr-defined]
+        ALWAYS_ON, limits, True, scenario
+    )
+
+
+def test_the_daemons_spans_stay_light() -> None:
+    """Plain attributes, plain events, a new name and the end keep a span light; a status
+    makes it the LeanSpan it would have been, and that one is exported."""
+    tracer, exporter = light_recorder(ALWAYS_ON, SpanLimits(), True)
+    span = tracer.start_span("s", attributes={"a": 1})
+    assert type(span) is LightSpan
+    span.set_attribute("b", "x")
+    span.set_attributes({"c": 2.5, "a": 3})
+    span.add_event("fsync", {"lines": 4}, timestamp=START_NS)
+    span.add_event("bare")
+    span.update_name("t")
+    span.end()
+    failed = tracer.start_span("f", attributes={"a": 1})
+    failed.set_status(StatusCode.ERROR, "broken")
+    failed.end()
+    light, promoted = exporter.get_finished_spans()
+    assert light is span
+    assert type(promoted) is LeanSpan
+    assert promoted.status.status_code is StatusCode.ERROR
+    assert dict(promoted.attributes or {}) == {"a": 1}
+    request = ExportTraceServiceRequest.FromString(SpanEncoder().encode([light]))
+    (sent,) = request.resource_spans[0].scope_spans[0].spans
+    assert sent.name == "t"
+    assert [kv.key for kv in sent.attributes] == ["b", "c", "a"]
+    assert [event.name for event in sent.events] == ["fsync", "bare"]
+
+
+def test_a_processor_added_later_ends_light_spans() -> None:
+    """Light spans go to one processor only: another one added makes spans lean again."""
+    tracer, _ = light_recorder(ALWAYS_ON, SpanLimits(), True)
+    assert type(tracer.start_span("s")) is LightSpan
+    tracer._sdk.span_processor.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    assert type(tracer.start_span("s")) is LeanSpan
 
 
 def sdk_and_lean_span() -> tuple[SdkSpan, SdkSpan]:
