@@ -51,7 +51,7 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from time import time_ns
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, cast
 
 from opentelemetry import trace as trace_api
@@ -90,6 +90,23 @@ def _plain(attributes: Mapping[str, Any]) -> bool:
         if type(value) not in _PLAIN_TYPES or type(key) is not str or not key:
             return False
     return True
+
+
+def _copy(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``dict`` of ``attributes``.
+
+    A sampler returns the attributes as a read-only view of the caller's dict;
+    its ``copy`` copies that dict (0.06 µs for the daemons' seven), where
+    ``dict(view)`` goes key by key through the view (0.5 µs).
+    """
+    if type(attributes) is MappingProxyType:
+        try:
+            copied = attributes.copy()  # the viewed mapping's own copy
+        except AttributeError:  # a mapping without one
+            copied = None
+        if type(copied) is dict:
+            return copied
+    return dict(attributes)
 
 
 _NONE_YET: BoundedList[Any] = BoundedList(0)
@@ -481,7 +498,7 @@ class LeanTracer(trace_api.Tracer):
                 context=span_context,
                 parent=parent,
                 kind=kind,
-                attributes=dict(given),
+                attributes=_copy(given),
                 max_attributes=self._max_attributes,
                 start_time=start_time if start_time is not None else time_ns(),
                 record_exception=record_exception,
@@ -489,7 +506,7 @@ class LeanTracer(trace_api.Tracer):
             )
         if fits and _plain(given):
             store = BoundedAttributes(self._max_attributes, immutable=False, max_value_len=None)
-            store._dict.update(given)
+            store._dict.update(_copy(given))
         else:  # values to clean, or more than the limit: the SDK's own store does it
             store = BoundedAttributes(
                 self._max_attributes, given, immutable=False, max_value_len=None

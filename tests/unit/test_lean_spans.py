@@ -13,12 +13,15 @@ and the decoded request is compared with the official encoding of the SDK's.
 from __future__ import annotations
 
 import logging
+from collections import UserDict
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -46,7 +49,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from ampsflow.adapters.lean_spans import LeanSpan, LeanTracer, LightSpan
+from ampsflow.adapters.lean_spans import LeanSpan, LeanTracer, LightSpan, _copy
 from ampsflow.adapters.otlp_wire import SpanEncoder
 from ampsflow.adapters.telemetry import FailuresSampled
 from ampsflow.testing import in_memory_telemetry
@@ -429,3 +432,15 @@ def test_without_the_sdk_the_tracer_is_the_sdks(
         monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     memory = in_memory_telemetry()
     assert isinstance(memory.telemetry.tracer, LeanTracer) is (not value)
+
+
+@pytest.mark.parametrize(
+    "viewed",
+    [{"a": 1, "b": "x"}, BoundedAttributes(4, {"a": 1, "b": "x"}), UserDict({"a": 1, "b": "x"})],
+)
+def test_sampled_attributes_are_copied_from_any_mapping(viewed: Any) -> None:
+    """A sampler's read-only view of any mapping gives the span a dict of its own."""
+    copied = _copy(MappingProxyType(viewed))
+    assert type(copied) is dict
+    assert copied == {"a": 1, "b": "x"}
+    assert copied is not viewed
