@@ -69,11 +69,12 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Tracer, use_span
+from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from ampsflow.adapters.amps import AmpsClient, default_client_name
 from ampsflow.adapters.instruments import messaging_attributes, metric_attributes, record_failure
+from ampsflow.adapters.lean_spans import CurrentSpan
 from ampsflow.adapters.propagation import PROBLEM_ATTRIBUTE, correlation_id_of, extract_context
 from ampsflow.adapters.telemetry import Telemetry, failure_span
 from ampsflow.backoff import Backoff, BackoffPolicy
@@ -266,16 +267,13 @@ class Processor:
         metric_attrs = metric_attributes(self._config.input_topic, "process")
         self._unflushed_consumed += 1
         finished = False
-        with use_span(
+        with CurrentSpan(
             self._tracer.start_span(
                 PROCESS_SPAN,
                 context=parent,
                 kind=SpanKind.CONSUMER,
                 attributes=attributes,
-            ),
-            end_on_exit=True,
-            record_exception=False,
-            set_status_on_exception=False,
+            )
         ) as span:
             traced = _Trace(self._tracer, span, parent, attributes)
             if problem is not None:

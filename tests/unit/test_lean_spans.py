@@ -46,10 +46,11 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
+    get_current_span,
     set_span_in_context,
 )
 
-from ampsflow.adapters.lean_spans import LeanSpan, LeanTracer, LightSpan, _copy
+from ampsflow.adapters.lean_spans import CurrentSpan, LeanSpan, LeanTracer, LightSpan, _copy
 from ampsflow.adapters.otlp_wire import SpanEncoder
 from ampsflow.adapters.telemetry import FailuresSampled
 from ampsflow.testing import in_memory_telemetry
@@ -444,3 +445,22 @@ def test_sampled_attributes_are_copied_from_any_mapping(viewed: Any) -> None:
     assert type(copied) is dict
     assert copied == {"a": 1, "b": "x"}
     assert copied is not viewed
+
+
+def test_current_span_is_current_inside_and_ended_after() -> None:
+    """CurrentSpan does what use_span(end_on_exit=True) without recording does, exception or not."""
+    tracer, exporter = light_recorder(ALWAYS_ON, SpanLimits(), True)
+    outer = get_current_span()
+    span = tracer.start_span("s")
+    with CurrentSpan(span) as current:
+        assert current is span
+        assert get_current_span() is span
+    assert get_current_span() is outer
+    failing = tracer.start_span("f")
+    with pytest.raises(ValueError, match="boom"), CurrentSpan(failing):
+        raise ValueError("boom")
+    assert get_current_span() is outer
+    ended = exporter.get_finished_spans()
+    assert [s.name for s in ended] == ["s", "f"]
+    assert ended[1].status.status_code is StatusCode.UNSET
+    assert not ended[1].events
