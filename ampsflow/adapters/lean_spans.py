@@ -207,6 +207,9 @@ class LightSpan(trace_api.Span):
     :class:`LeanSpan` it would have been, holding everything recorded so far,
     and from then on every call is that span's: the SDK's own rules and
     warnings apply, and that span is the one handed to the processors.
+
+    Every change and the end hold the span's lock, as the SDK's span does: once
+    ended, a span that the export thread reads changes no more.
     """
 
     __slots__ = (
@@ -324,70 +327,75 @@ class LightSpan(trace_api.Span):
         return sdk.is_recording() if sdk is not None else self._end_time is None
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
-        if self._sdk is None and self._end_time is None:
-            attributes = self._attributes
-            if type(value) in _PLAIN_TYPES and type(key) is str and key:
-                if key in attributes:
-                    del attributes[key]  # the SDK's store moves a key set again to the end
-                    attributes[key] = value
-                    return
-                if self._max_attributes is None or len(attributes) < self._max_attributes:
-                    attributes[key] = value
-                    return
+        with self._lock:
+            if self._sdk is None and self._end_time is None:
+                attributes = self._attributes
+                if type(value) in _PLAIN_TYPES and type(key) is str and key:
+                    if key in attributes:
+                        del attributes[key]  # the SDK's store moves a key set again to the end
+                        attributes[key] = value
+                        return
+                    if self._max_attributes is None or len(attributes) < self._max_attributes:
+                        attributes[key] = value
+                        return
         self._promote().set_attribute(key, value)
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        mine = self._attributes
-        if (
-            self._sdk is None
-            and self._end_time is None
-            and _plain(attributes)
-            and (
-                self._max_attributes is None or len(mine) + len(attributes) <= self._max_attributes
-            )
-        ):
-            for key, value in attributes.items():
-                if key in mine:
-                    del mine[key]
-                mine[key] = value
-            return
+        with self._lock:
+            mine = self._attributes
+            if (
+                self._sdk is None
+                and self._end_time is None
+                and _plain(attributes)
+                and (
+                    self._max_attributes is None
+                    or len(mine) + len(attributes) <= self._max_attributes
+                )
+            ):
+                for key, value in attributes.items():
+                    if key in mine:
+                        del mine[key]
+                    mine[key] = value
+                return
         self._promote().set_attributes(attributes)
 
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
     ) -> None:
         limits = self._tracer._span_limits
-        events = self._events
-        if (
-            self._sdk is None
-            and self._end_time is None
-            and (limits.max_events is None or len(events) < limits.max_events)
-            and (
-                not attributes
-                or (
-                    _plain(attributes)
-                    and (
-                        limits.max_event_attributes is None
-                        or len(attributes) <= limits.max_event_attributes
+        with self._lock:
+            events = self._events
+            if (
+                self._sdk is None
+                and self._end_time is None
+                and (limits.max_events is None or len(events) < limits.max_events)
+                and (
+                    not attributes
+                    or (
+                        _plain(attributes)
+                        and (
+                            limits.max_event_attributes is None
+                            or len(attributes) <= limits.max_event_attributes
+                        )
                     )
                 )
-            )
-        ):
-            event = Event(name, dict(attributes) if attributes else None, timestamp)
-            if events:
-                events.append(event)
-            else:
-                self._events = [event]
-            return
+            ):
+                event = Event(name, dict(attributes) if attributes else None, timestamp)
+                if events:
+                    events.append(event)
+                else:
+                    self._events = [event]
+                return
         self._promote().add_event(name, attributes, timestamp)
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         self._promote().add_link(context, attributes)
 
     def update_name(self, name: str) -> None:
-        if self._sdk is None and self._end_time is None:
-            self._name = name
-            return
+        with self._lock:
+            if self._sdk is None and self._end_time is None:
+                self._name = name
+                return
         self._promote().update_name(name)
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
