@@ -37,7 +37,8 @@ processor's exporter is ampsflow's wire encoder
 exporting OTLP/HTTP protobuf), it goes one step further: a span that starts
 with plain attributes is a :class:`LightSpan`, plain fields and no SDK span at
 all, until something only the SDK's span does is asked of it. One daemon span's
-life on the loop: 19.6 µs lean, 13.0 µs light (BENCHMARKS.md, fifth pass).
+life on the loop: 13.8 µs lean, 10.8 µs light (`benchmarks/span_lifecycle.py`,
+BENCHMARKS.md "Tracing, fifth pass").
 
 ``tests/unit/test_lean_spans.py`` drives the SDK tracer and this one with the
 same generated operations and compares the exported spans byte for byte (official
@@ -492,7 +493,15 @@ class CurrentSpan:
 
 
 class LeanTracer(trace_api.Tracer):
-    """``tracer`` (an SDK tracer), starting its common spans as :class:`LeanSpan`."""
+    """``tracer`` (an SDK tracer), starting its common spans as :class:`LeanSpan`.
+
+    Given ``light_processor``, the provider's only span processor, it starts them
+    as :class:`LightSpan` instead. That processor's ``on_start`` is not called for
+    them, and whatever it hands them to must read them through the fields
+    :class:`~ampsflow.adapters.otlp_wire.SpanEncoder` reads (or ``ReadableSpan``'s
+    properties): ``setup_telemetry`` passes its processor only when its exporter
+    is ampsflow's wire encoder.
+    """
 
     def __init__(self, tracer: SdkTracer, light_processor: SpanProcessor | None = None) -> None:
         self._sdk = tracer
