@@ -467,8 +467,9 @@ class CurrentSpan:
 
     What ``use_span(span, end_on_exit=True, record_exception=False,
     set_status_on_exception=False)`` does, without its generator-based context
-    manager: 0.3 µs instead of 1.4 µs per message on the loop. An exception
-    leaving the block is not recorded on the span (the caller records failures).
+    manager: 1.0 µs instead of 2.1 µs per message on the loop, of which attaching
+    and detaching the context are 0.6 µs (``timeit``). An exception leaving the
+    block is not recorded on the span (the caller records failures).
     """
 
     __slots__ = ("_span", "_token")
