@@ -114,12 +114,14 @@ class TestStartupObjects:
             cycle_ref = weakref.ref(_Cyclic(cycle))
             daemon.ready("working")
             frozen = gc.get_freeze_count()
+            later = [{"message": i} for i in range(1_000)]
             daemon.ready("working again")
-            assert (frozen >= len(startup), gc.get_freeze_count(), cycle_ref()) == (
-                True,
-                frozen,
-                None,
-            )
+            # Only the first READY freezes: ``later`` would be frozen by a second one.
+            # The count can still fall: a frozen object another thread frees leaves it.
+            assert frozen >= len(startup)
+            assert gc.get_freeze_count() <= frozen
+            assert later
+            assert cycle_ref() is None
         finally:
             gc.unfreeze()
 
