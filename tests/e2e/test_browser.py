@@ -30,7 +30,7 @@ import pytest
 
 from ampsflow.core.codec import decode_correlation_id
 from tests.support.phoenix import Phoenix, StoredSpan, start_phoenix
-from tests.support.processes import Daemon, Devbroker, free_port, write_config
+from tests.support.processes import Daemon, Devbroker, free_port, write_config, written_lines
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
@@ -586,7 +586,7 @@ class TestBurst:
                 return None
             found = [
                 record["id"]
-                for record in map(json.loads, demo.jsonl.read_text("utf-8").splitlines())
+                for record in map(json.loads, written_lines(demo.jsonl))
                 if record.get("id") in ids
             ]
             return found if set(found) == ids else None

@@ -34,6 +34,7 @@ from tests.support.processes import (
     pipeline_config,
     wait_for,
     write_config,
+    written_lines,
 )
 
 pytestmark = pytest.mark.slow
@@ -107,11 +108,7 @@ class Pipeline:
     marker: MarkerStandIn
 
     def lines(self) -> list[dict[str, Any]]:
-        try:
-            text = self.jsonl.read_text("utf-8")
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [json.loads(line) for line in written_lines(self.jsonl) if line.strip()]
 
     def ids(self) -> list[str]:
         return [line["id"] for line in self.lines() if "id" in line]

@@ -83,6 +83,19 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
+def written_lines(path: Path) -> list[str]:
+    """The complete lines of a file another process appends to (none if it is absent).
+
+    A line the writer has not finished (no newline yet) is left out: a reader can
+    see a ``write`` in progress half done.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+
+
 def wait_for(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:
     """Poll ``predicate`` until it is true.
 
