@@ -568,11 +568,11 @@ class LeanTracer(trace_api.Tracer):
             return NonRecordingSpan(span_context)
         given = result.attributes
         fits = self._max_attributes is None or len(given) <= self._max_attributes
+        plain = fits and _plain(given)  # within the limit, nothing for the SDK to clean
         if (
-            fits
+            plain
             and self._light_chain is not None
             and getattr(sdk.span_processor, "_span_processors", None) is self._light_chain
-            and _plain(given)
         ):
             return LightSpan(
                 sdk,
@@ -587,7 +587,7 @@ class LeanTracer(trace_api.Tracer):
                 record_exception=record_exception,
                 set_status_on_exception=set_status_on_exception,
             )
-        if fits and _plain(given):
+        if plain:
             store = BoundedAttributes(self._max_attributes, immutable=False, max_value_len=None)
             store._dict.update(_copy(given))
         else:  # values to clean, or more than the limit: the SDK's own store does it
